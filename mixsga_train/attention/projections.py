@@ -1,0 +1,105 @@
+"""Drop-in replacements for an attention layer's ``k_proj`` / ``v_proj``.
+
+Every replacement returns K/V at the model's native H_kv heads, so each family's own attention
+code (RoPE, masking, scaling, softcapping, sliding windows, SDPA/eager kernels) runs unchanged.
+Head grouping commutes with RoPE (every head of a token gets the same rotation), so grouping
+before RoPE equals the paper's grouping after it. The KV cache (``cache.py``) stores only the
+distinct heads and expands them on read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import HeadGrouping, pool_head_weights
+from .routing import TokenRouter
+
+
+class MixedHeadProjection(nn.Linear):
+    """mixSGA K or V projection (eqs. 6-9): the pretrained, weight-shared projection, then each
+    token's heads replaced by the group means of the expert its router picked.
+
+    In: x [B, L, D]. Out: [B, L, H_kv * d_h]. Parameters keep the original names and shapes
+    (``weight``, ``bias``); the router is owned by the attention module, not by this projection.
+    """
+
+    def __init__(self, linear: nn.Linear, groupings: list[HeadGrouping], head_dim: int, router: TokenRouter):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.head_dim = head_dim
+        self.native_kv_heads = groupings[0].native_kv_heads
+        # [E * H_kv, H_kv]: all experts' mixing matrices stacked, applied in one matmul
+        self.register_buffer("mixing", torch.cat([g.mixing for g in groupings]), persistent=False)
+        object.__setattr__(self, "router", router)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        gates = self.router.route(x)  # [B, L, E]
+        batch, length, _ = y.shape
+        heads = y.view(batch, length, self.native_kv_heads, self.head_dim)
+        per_expert = torch.einsum("eh,blhd->bled", self.mixing.to(y.dtype), heads)
+        per_expert = per_expert.view(batch, length, gates.shape[-1], self.native_kv_heads, self.head_dim)
+        mixed = torch.einsum("ble,blehd->blhd", gates.to(y.dtype), per_expert)
+        return mixed.reshape(batch, length, -1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.mixing.shape[0] // self.native_kv_heads}"
+
+
+class PooledHeadProjection(nn.Linear):
+    """GQA K or V projection: ``kv_heads`` mean-pooled heads (GQA's mean-pooling init), each
+    copied back to the native heads of its group. Out: [B, L, H_kv * d_h]; weight [k * d_h, D]."""
+
+    def __init__(self, linear: nn.Linear, grouping: HeadGrouping, head_dim: int):
+        weight, bias = pool_head_weights(linear.weight.data, None if linear.bias is None else linear.bias.data, grouping, head_dim)
+        super().__init__(linear.in_features, grouping.kv_heads * head_dim, bias=bias is not None,
+                         device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.head_dim = head_dim
+        self.register_buffer("expand_index", grouping.expand_index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        heads = y.view(*y.shape[:-1], -1, self.head_dim)
+        return heads.index_select(-2, self.expand_index).flatten(-2)
+
+
+class SharedKVOwner(nn.Linear):
+    """CLA: the K or V projection of a group's first layer; remembers its last output for the
+    layers of its group that borrow it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.last_output: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_output = super().forward(x)
+        return self.last_output
+
+
+class SharedKVBorrower(nn.Module):
+    """CLA: a layer without its own K/V projection; returns its owner's output for this forward."""
+
+    def __init__(self, owner: SharedKVOwner, owner_layer: int):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)
+        self.owner_layer = owner_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.owner.last_output
+        if out is None or out.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"CLA: layer {self.owner_layer} must run before the layers that share its K/V")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"shares K/V of layer {self.owner_layer}"

