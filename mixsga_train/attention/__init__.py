@@ -22,3 +22,7 @@ __all__ = [
     "routers",
     "routing_context",
 ]
+
+from .persistence import load_converted, saved_attention  # noqa: E402
+
+__all__ += ["load_converted", "saved_attention"]

@@ -68,13 +68,20 @@ def paper_expert_kv_heads(native_kv_heads: int, num_experts: int = 3) -> list[in
 
 
 def feasible_ratios(
-    expert_kv_heads: list[int], native_kv_heads: int, budget: float, step: float, tol: float = 1e-9
+    expert_kv_heads: list[int],
+    native_kv_heads: int,
+    budget: float,
+    step: float,
+    mixtures_only: bool = True,
+    tol: float = 1e-9,
 ) -> list[list[Fraction]]:
     """Every ratio on a grid of ``step`` whose budget equals ``budget`` (paper eq. 11).
 
     The paper's constraint: sum_e x_e = 1 and sum_e x_e * k_e / H_kv = budget, each x_e in [0, 1].
     The first E-1 shares walk the grid; the last one is fixed by sum = 1. Returns shares as
     Fractions (exact), ordered by the first expert's share, then the second, ...
+    ``mixtures_only`` drops single-expert points (e.g. 0:1:0, which is plain GQA): with it, the
+    Gemma-2 grid at step 0.05 is exactly the paper's six Table 11 ratios.
     """
     n = round(1 / step)
     if not math.isclose(n * step, 1.0, abs_tol=1e-9):
@@ -86,7 +93,7 @@ def feasible_ratios(
             continue
         shares = [Fraction(h, n) for h in head] + [Fraction(n - sum(head), n)]
         b = sum(s * k for s, k in zip(shares, expert_kv_heads)) / native_kv_heads
-        if abs(b - target) <= tol:
+        if abs(b - target) <= tol and (not mixtures_only or sum(s > 0 for s in shares) > 1):
             out.append(shares)
     return out
 

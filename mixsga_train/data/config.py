@@ -143,7 +143,7 @@ class TaskConfig:
                 if self.kind != "sft" or list(self.split_sizes)[2] < 1:
                     raise ConfigError("task.eval_sets", "dolly_test needs kind=sft and a test split (split_sizes[2] >= 1)")
             elif entry not in MINILLM_EVAL_SETS:
-                if not entry.endswith((".jsonl", ".json")) and "/" not in entry:
+                if not entry.endswith(".jsonl") and "/" not in entry:
                     known = ", ".join([DOLLY_TEST, *MINILLM_EVAL_SETS])
                     raise ConfigError("task.eval_sets", f"unknown set {entry!r}; use one of {known} or a path to a .jsonl file")
                 if not Path(entry).expanduser().is_file():

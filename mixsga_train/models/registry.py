@@ -1,0 +1,258 @@
+"""Which model to start from, as one typed, validated dataclass, and ``load_model`` that loads it.
+
+Sources: ``hub`` (a Hugging Face Hub name, the default users get when online), ``local`` (a
+``save_pretrained`` directory), ``gguf_smollm2`` (SmolLM2-135M-Instruct from the offline GGUF,
+see ``gguf.py``) and ``tiny`` (seeded random tiny models of every supported family, for tests).
+The shape helpers at the bottom read any supported family's config (OPT has no KV-head field).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from ..errors import ConfigError
+from .gguf import load_smollm2_135m
+
+SOURCES = ("hub", "local", "gguf_smollm2", "tiny")
+FAMILIES = ("llama", "gemma2", "opt", "qwen2", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_SPECIAL_TOKENS = ("<eos>", "<pad>", "<bos>")
+
+
+@dataclass
+class ModelConfig:
+    """The model to load.
+
+    name: label used in run directories and metrics.
+    source: ``hub`` | ``local`` | ``gguf_smollm2`` | ``tiny``.
+    hub_id: Hub name (source ``hub``). path: checkpoint directory (source ``local``).
+    family: expected architecture (``config.model_type``: one of FAMILIES); ``None`` accepts any
+        supported one. Checked after loading, so a wrong checkpoint fails loudly.
+    dtype: ``float32`` | ``bfloat16`` | ``float16``.
+    max_seq_len: longest sequence the pipeline feeds; must fit the model's positions. Tiny models
+        get exactly this many positions.
+    tiny_*: source ``tiny`` only. ``tiny_family`` picks the architecture; the sizes default to a
+        4-layer, 64-wide model with 4 query and 4 KV heads (so the paper experts [4, 2, 1] apply);
+        ``tiny_sliding_window`` is Gemma 2's local window on alternate layers (small so tests
+        exercise it); ``tiny_seed`` makes the weights reproducible.
+    """
+
+    name: str = "smollm2-135m-instruct"
+    source: str = "hub"
+    hub_id: str | None = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    path: str | None = None
+    family: str | None = None
+    dtype: str = "float32"
+    max_seq_len: int = 512
+    tiny_family: str = "llama"
+    tiny_layers: int = 4
+    tiny_hidden: int = 64
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 4
+    tiny_intermediate: int = 128
+    tiny_sliding_window: int = 8
+    tiny_seed: int = 0
+
+    def validate(self) -> None:
+        """Check the fields without loading anything; every failure is a one-line ConfigError."""
+        if self.source not in SOURCES:
+            raise ConfigError("model.source", f"unknown {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise ConfigError("model.family", f"unknown {self.family!r}; choose one of {', '.join(FAMILIES)} or null")
+        if self.dtype not in DTYPES:
+            raise ConfigError("model.dtype", f"unknown {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_seq_len < 1:
+            raise ConfigError("model.max_seq_len", f"{self.max_seq_len} must be positive, e.g. 512")
+        if self.source == "hub" and not self.hub_id:
+            raise ConfigError("model.hub_id", "empty; give a Hub name or use model.source=local model.path=/path/to/checkpoint")
+        if self.source == "local":
+            self._validate_local()
+        if self.source == "tiny":
+            self._validate_tiny()
+
+    def _validate_local(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path", "empty; give the directory a model was save_pretrained to")
+        if not Path(self.path).expanduser().is_dir():
+            raise ConfigError("model.path", f"{self.path} is not a directory; give a save_pretrained checkpoint directory")
+        if not (Path(self.path).expanduser() / "config.json").is_file():
+            raise ConfigError("model.path", f"{self.path} has no config.json; give a save_pretrained checkpoint directory")
+
+    def _validate_tiny(self) -> None:
+        if self.tiny_family not in FAMILIES:
+            raise ConfigError("model.tiny_family", f"unknown {self.tiny_family!r}; choose one of {', '.join(FAMILIES)}")
+        sizes = ("tiny_layers", "tiny_hidden", "tiny_heads", "tiny_kv_heads", "tiny_intermediate", "tiny_sliding_window")
+        for key in sizes:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}", f"{getattr(self, key)} must be positive")
+        if self.tiny_hidden % self.tiny_heads:
+            raise ConfigError("model.tiny_heads", f"{self.tiny_heads} does not divide tiny_hidden={self.tiny_hidden}")
+        if self.tiny_heads % self.tiny_kv_heads:
+            raise ConfigError("model.tiny_kv_heads", f"{self.tiny_kv_heads} does not divide tiny_heads={self.tiny_heads}")
+        if self.tiny_family == "opt" and self.tiny_kv_heads != self.tiny_heads:
+            raise ConfigError("model.tiny_kv_heads", f"OPT is multi-head only; set it to tiny_heads={self.tiny_heads}")
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Validate ``cfg``, load the model (eval mode, ``cfg.dtype``) and a tokenizer that has a pad token."""
+    cfg.validate()
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "hub":
+        model, tokenizer = _load_hub(cfg.hub_id, dtype)
+    elif cfg.source == "local":
+        path = Path(cfg.path).expanduser()
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    elif cfg.source == "gguf_smollm2":
+        model, tokenizer = load_smollm2_135m()
+        model = model.to(dtype)
+    else:
+        tokenizer = tiny_tokenizer(cfg.max_seq_len)
+        model = tiny_model(cfg, tokenizer).to(dtype)
+    _check_loaded(cfg, model.config)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        return AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype), AutoTokenizer.from_pretrained(hub_id)
+    except OSError as err:
+        raise ConfigError(
+            "model.hub_id",
+            f"cannot load {hub_id!r} from the Hugging Face Hub (offline, unknown name or gated); "
+            "use model.source=local model.path=/path/to/checkpoint",
+        ) from err
+
+
+def _check_loaded(cfg: ModelConfig, config: PretrainedConfig) -> None:
+    family = model_family(config)
+    if cfg.family is not None and family != cfg.family:
+        raise ConfigError("model.family", f"the checkpoint is {family!r}, not {cfg.family!r}; fix model.family or the checkpoint")
+    if cfg.max_seq_len > max_positions(config):
+        raise ConfigError("model.max_seq_len", f"{cfg.max_seq_len} exceeds the model's {max_positions(config)} positions; lower it")
+
+
+def tiny_tokenizer(max_len: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: ids 0-255 are the bytes themselves, then ``<eos>`` 256, ``<pad>`` 257, ``<bos>`` 258.
+
+    Lossless on any text, built in milliseconds, identical on every machine (nothing is trained).
+    No token is added automatically (like SmolLM2): callers append ``eos`` where they want one.
+    """
+    byte_chars = _bytes_to_unicode()
+    backend = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(TINY_SPECIAL_TOKENS))
+    eos, pad, bos = TINY_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, pad_token=pad, bos_token=bos, model_max_length=max_len
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of the ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A randomly initialised ``cfg.tiny_family`` model, the same weights for the same config (``tiny_seed``)."""
+    model_cls, config = _tiny_config(cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.tiny_seed)
+        return model_cls(config)
+
+
+def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+    common = dict(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=cfg.tiny_hidden,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    llama_like = dict(common, num_key_value_heads=cfg.tiny_kv_heads, intermediate_size=cfg.tiny_intermediate)
+    head_dim = cfg.tiny_hidden // cfg.tiny_heads
+    family = cfg.tiny_family
+    if family == "llama":
+        model_cls, config = LlamaForCausalLM, LlamaConfig(**llama_like)
+    elif family == "qwen2":
+        model_cls, config = Qwen2ForCausalLM, Qwen2Config(**llama_like)
+    elif family == "mistral":
+        model_cls, config = MistralForCausalLM, MistralConfig(**llama_like, sliding_window=None)
+    elif family == "gemma2":
+        config = Gemma2Config(
+            **llama_like,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=cfg.tiny_sliding_window,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        )
+        model_cls = Gemma2ForCausalLM
+    else:
+        config = OPTConfig(**common, ffn_dim=cfg.tiny_intermediate, word_embed_proj_dim=cfg.tiny_hidden, enable_bias=True)
+        model_cls = OPTForCausalLM
+    # Gemma 2's softcapping is eager-only in transformers; the others use sdpa like real checkpoints.
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    return model_cls, config
+
+
+def model_family(config: PretrainedConfig) -> str:
+    """The supported family of a loaded model (its ``model_type``), or a ConfigError naming ``model.family``."""
+    if config.model_type not in FAMILIES:
+        raise ConfigError("model.family", f"unsupported architecture {config.model_type!r}; supported: {', '.join(FAMILIES)}")
+    return config.model_type
+
+
+def native_kv_heads(config: PretrainedConfig) -> int:
+    """KV heads per layer as shipped (OPT and other MHA configs: the query heads)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    """Decoder layers."""
+    return config.num_hidden_layers
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """Per-head width: the config's ``head_dim`` where it has one (Gemma 2, SmolLM2), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def max_positions(config: PretrainedConfig) -> int:
+    """Longest sequence the position embeddings cover."""
+    return config.max_position_embeddings
