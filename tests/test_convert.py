@@ -52,7 +52,7 @@ def test_gqa_is_mean_pooling_of_heads():
     ids = torch.randint(0, 96, (1, 9))
     model = converted(base, method="gqa", kv_heads=2)
     ref_k = base.model.layers[0].self_attn.k_proj.weight.view(4, 8, 64)
-    pooled = model.model.layers[0].self_attn.k_proj.weight.view(2, 8, 48)
+    pooled = model.model.layers[0].self_attn.k_proj.weight.view(2, 8, 64)
     assert torch.allclose(pooled[0], ref_k[:2].mean(0)) and torch.allclose(pooled[1], ref_k[2:].mean(0))
     assert model.model.layers[0].self_attn.k_proj.weight.numel() == ref_k.numel() // 2
     logits(model, ids)

@@ -221,6 +221,7 @@ if triton is not None:
         SPLIT: tl.constexpr,
         IEEE: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        EVEN_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -275,7 +276,10 @@ if triton is not None:
             if NUM_E > 3:
                 kp = tl.where(e == 3, K3 + r * sk_r3 + hk3 * sk_h3, kp)
                 vp = tl.where(e == 3, V3 + r * sv_r3 + hk3 * sv_h3, vp)
-            tile_mask = valid[:, None] & mask_d[None, :]
+            if EVEN_D:  # no d mask: keeps the K/V loads vectorised
+                tile_mask = valid[:, None]
+            else:
+                tile_mask = valid[:, None] & mask_d[None, :]
             k = tl.load(kp[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
             if DOT_FP32:
                 k = k.to(tl.float32)
@@ -486,6 +490,7 @@ def mixed_decode_attention(
         SPLIT=splits > 1,
         IEEE=query.dtype == torch.float32 or dev.type != "cuda",
         DOT_FP32=dev.type != "cuda" and query.dtype != torch.float32,
+        EVEN_D=block_d == d,
         num_warps=num_warps,
     )
     if splits > 1:

@@ -1,0 +1,206 @@
+"""Model loading: the offline SmolLM2 GGUF conversion and cache, tiny models of every family, config errors."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from mixsga_train.errors import ConfigError
+from mixsga_train.models import gguf
+from mixsga_train.models.registry import (
+    FAMILIES,
+    ModelConfig,
+    head_dim,
+    load_model,
+    max_positions,
+    native_kv_heads,
+    num_layers,
+    tiny_tokenizer,
+)
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """One GGUF conversion for the module: the plain model, its tokenizer, transformers' GGUF model, the cache dir."""
+    cache_dir = tmp_path_factory.mktemp("mixsga_cache") / "smollm2-135m"
+    loaded = []
+
+    def spy_load_gguf():
+        loaded.append(gguf_load_gguf())
+        return loaded[-1]
+
+    gguf_load_gguf = gguf.load_gguf
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "load_gguf", spy_load_gguf)
+        model, tokenizer = gguf.load_smollm2_135m(cache_dir)
+        assert len(loaded) == 1 and (cache_dir / "config.json").is_file()
+        start = time.perf_counter()
+        cached_model, _ = gguf.load_smollm2_135m(cache_dir)
+        cached_seconds = time.perf_counter() - start
+        assert len(loaded) == 1, "the second load must come from the cache, not the GGUF"
+    reference = loaded[0][0]
+    return dict(model=model, tokenizer=tokenizer, reference=reference, cache_dir=cache_dir,
+                cached_model=cached_model, cached_seconds=cached_seconds)
+
+
+def _logits(model, tokenizer, text: str = PROMPT) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_reference_is_marked_quantized(smollm2):
+    assert smollm2["reference"].config.quantization_config["quant_method"] == "gguf"
+
+
+def test_plain_model_matches_gguf_logits(smollm2):
+    model, tokenizer = smollm2["model"], smollm2["tokenizer"]
+    assert type(model) is LlamaForCausalLM
+    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert (native_kv_heads(model.config), model.config.num_attention_heads, num_layers(model.config)) == (3, 9, 30)
+    assert head_dim(model.config) == 64 and max_positions(model.config) == 8192
+    reference = _logits(smollm2["reference"], tokenizer)
+    assert torch.allclose(_logits(model, tokenizer), reference, atol=1e-5, rtol=0)
+
+
+def test_cache_reload_is_fast_and_identical(smollm2):
+    """The cache is a save_pretrained/from_pretrained round trip: logits must survive it."""
+    assert smollm2["cached_seconds"] < 10
+    cached = smollm2["cached_model"]
+    assert cached.lm_head.weight is cached.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(cached, smollm2["tokenizer"]), _logits(smollm2["model"], smollm2["tokenizer"]), rtol=0, atol=0)
+    assert not list(smollm2["cache_dir"].parent.glob(".smollm2-135m.*")), "temporary directory left behind"
+
+
+def test_tokenizer_has_pad_and_roundtrips(smollm2):
+    tokenizer = smollm2["tokenizer"]
+    assert tokenizer.pad_token is not None and tokenizer.eos_token is not None
+    assert len(tokenizer) == smollm2["model"].config.vocab_size
+    assert tokenizer.decode(tokenizer(PROMPT).input_ids) == PROMPT
+
+
+def test_greedy_answer_is_paris(smollm2):
+    model, tokenizer = smollm2["model"], smollm2["tokenizer"]
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert tokenizer.decode(out[0, inputs.input_ids.shape[1]:]).strip().startswith("Paris")
+
+
+def test_plain_model_is_trainable(smollm2):
+    model, tokenizer = smollm2["cached_model"], smollm2["tokenizer"]
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    model.train()
+    model(**inputs, labels=inputs.input_ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_build_and_run(family):
+    cfg = ModelConfig(name=f"tiny-{family}", source="tiny", tiny_family=family, max_seq_len=64)
+    model, tokenizer = load_model(cfg)
+    assert model.config.model_type == family and not model.training
+    assert (native_kv_heads(model.config), num_layers(model.config), head_dim(model.config)) == (4, 4, 16)
+    assert max_positions(model.config) == 64 and model.config.vocab_size >= len(tokenizer)
+    batch = tokenizer(["a short text", "a somewhat longer text of twenty-odd bytes"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch.input_ids.shape[1], model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+    again, _ = load_model(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_tiny_family_specifics():
+    gemma, _ = load_model(ModelConfig(source="tiny", tiny_family="gemma2", max_seq_len=64))
+    assert gemma.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert gemma.config.sliding_window == 8 and gemma.config.attn_logit_softcapping is not None
+    assert gemma.config.final_logit_softcapping is not None
+    opt, _ = load_model(ModelConfig(source="tiny", tiny_family="opt", max_seq_len=64))
+    assert opt.model.decoder.layers[0].self_attn.k_proj.bias is not None
+    qwen, _ = load_model(ModelConfig(source="tiny", tiny_family="qwen2", max_seq_len=64))
+    assert qwen.model.layers[0].self_attn.k_proj.bias is not None
+    gqa, _ = load_model(ModelConfig(source="tiny", tiny_kv_heads=2, tiny_layers=2, max_seq_len=64))
+    assert native_kv_heads(gqa.config) == 2 and num_layers(gqa.config) == 2
+
+
+def test_tiny_tokenizer_is_byte_level():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("hé").input_ids
+    assert ids == list("hé".encode()) and tokenizer.decode(ids) == "hé"
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (256, 257) and len(tokenizer) == 259
+
+
+def test_unknown_hub_name_offline_suggests_local(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="model.hub_id") as err:
+        load_model(ModelConfig(source="hub", hub_id="no-such-org/no-such-model-xyz"))
+    assert "model.source=local model.path=" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_local_path_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.path: .*does-not-exist"):
+        load_model(ModelConfig(source="local", path=str(tmp_path / "does-not-exist")))
+    with pytest.raises(ConfigError, match=r"^model\.path: .*config\.json"):
+        ModelConfig(source="local", path=str(tmp_path)).validate()
+
+
+def test_local_source_loads_a_saved_tiny_model(tmp_path):
+    model, tokenizer = load_model(ModelConfig(source="tiny", tiny_family="qwen2", max_seq_len=64))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    local, local_tokenizer = load_model(ModelConfig(source="local", path=str(tmp_path), family="qwen2", max_seq_len=64))
+    assert local_tokenizer.pad_token_id == tokenizer.pad_token_id
+    torch.testing.assert_close(_logits(local, local_tokenizer, "abc"), _logits(model, tokenizer, "abc"), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="^model.max_seq_len"):
+        load_model(ModelConfig(source="local", path=str(tmp_path), max_seq_len=65))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (dict(source="s3"), "model.source"),
+        (dict(dtype="fp8"), "model.dtype"),
+        (dict(family="gpt2"), "model.family"),
+        (dict(source="tiny", tiny_family="bert"), "model.tiny_family"),
+        (dict(source="tiny", tiny_kv_heads=3), "model.tiny_kv_heads"),
+        (dict(source="tiny", tiny_family="opt", tiny_kv_heads=2), "model.tiny_kv_heads"),
+        (dict(source="hub", hub_id=""), "model.hub_id"),
+    ],
+)
+def test_validate_names_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**overrides).validate()
+    assert err.value.key == key
+
+
+def test_unknown_source_lists_choices():
+    with pytest.raises(ConfigError, match="hub, local, gguf_smollm2, tiny"):
+        ModelConfig(source="s3").validate()
+
+
+def test_loaded_family_is_checked():
+    with pytest.raises(ConfigError, match="^model.family"):
+        load_model(ModelConfig(source="tiny", tiny_family="opt", family="llama", max_seq_len=64))
+
+
+def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXSGA_CACHE", str(tmp_path))
+    assert gguf.default_cache_dir() == tmp_path / "smollm2-135m"
+    monkeypatch.delenv("MIXSGA_CACHE")
+    assert gguf.default_cache_dir() == Path.home() / ".cache" / "mixsga_train" / "smollm2-135m"

@@ -1,0 +1,37 @@
+"""ROUGE-L (rouge_score rougeL, stemmed, F x100, max over references, mean over examples) on hand-computed cases."""
+
+import pytest
+
+from mixsga_train.evaluation.rouge import mean_rouge_l, rouge_l
+
+
+def test_identical_is_100_and_disjoint_is_0():
+    assert rouge_l("the cat sat on the mat", ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert rouge_l("blue sky", ["green grass"]) == 0.0
+    assert rouge_l("", ["green grass"]) == 0.0
+
+
+def test_known_lcs_value():
+    # LCS("the cat sat on the mat", "the cat on the mat") = 5 words: P = 5/6, R = 5/5, F = 10/11.
+    assert rouge_l("the cat sat on the mat", ["the cat on the mat"]) == pytest.approx(100 * 10 / 11)
+    # LCS("a b c d", "a c e") = 2 ("a c"): P = 2/4, R = 2/3, F = 4/7.
+    assert rouge_l("a b c d", ["a c e"]) == pytest.approx(100 * 4 / 7)
+
+
+def test_max_over_references():
+    refs = ["green grass", "the cat on the mat", "the cat sat on the mat"]
+    assert rouge_l("the cat sat on the mat", refs) == pytest.approx(100.0)
+    assert rouge_l("the cat sat on the mat", refs[:2]) == pytest.approx(100 * 10 / 11)
+
+
+def test_stemming_lowercasing_and_punctuation():
+    assert rouge_l("Running dogs!", ["run dog"]) == pytest.approx(100.0)  # Porter stems: running->run, dogs->dog
+    assert rouge_l("Hello, World.", ["hello world"]) == pytest.approx(100.0)
+
+
+def test_mean_over_examples_and_errors():
+    assert mean_rouge_l(["a b", "x"], [["a b"], ["y"]]) == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        mean_rouge_l(["a"], [])
+    with pytest.raises(ValueError):
+        rouge_l("a", [])
