@@ -2,18 +2,14 @@
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
-from mixsga_train.data.config import TaskConfig  # noqa: E402
-from mixsga_train.data.instructions import (  # noqa: E402
+from mixsga_train.data.config import TaskConfig
+from mixsga_train.data.instructions import (
     IGNORE_INDEX,
     InstructionRecord,
     SFTCollator,
@@ -29,7 +25,7 @@ from mixsga_train.data.instructions import (  # noqa: E402
     records_from_json,
     split_records,
 )
-from mixsga_train.errors import ConfigError, DataError  # noqa: E402
+from mixsga_train.errors import ConfigError, DataError
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 DOLLY = DATA / "dolly" / "dolly_head.jsonl"

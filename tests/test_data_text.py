@@ -1,26 +1,22 @@
 """LM text data: local Wikitext-2 folder, the offline Shakespeare corpus, token blocks, config checks."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
-from mixsga_train.data import text as text_mod  # noqa: E402
-from mixsga_train.data.config import TaskConfig  # noqa: E402
-from mixsga_train.data.text import (  # noqa: E402
+from mixsga_train.data import text as text_mod
+from mixsga_train.data.config import TaskConfig
+from mixsga_train.data.text import (
     LMBlockDataset,
     count_words,
     lm_blocks,
     load_text_splits,
     tokenize_corpus,
 )
-from mixsga_train.errors import ConfigError, DataError  # noqa: E402
+from mixsga_train.errors import ConfigError, DataError
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 WIKI = DATA / "wikitext-2"

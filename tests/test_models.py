@@ -59,12 +59,9 @@ def _logits(model, tokenizer, text: str = PROMPT) -> torch.Tensor:
         return model(**tokenizer(text, return_tensors="pt")).logits
 
 
-def test_reference_is_marked_quantized(smollm2):
-    assert smollm2["reference"].config.quantization_config["quant_method"] == "gguf"
-
-
 def test_plain_model_matches_gguf_logits(smollm2):
     model, tokenizer = smollm2["model"], smollm2["tokenizer"]
+    assert smollm2["reference"].hf_quantizer is not None, "transformers' GGUF load is expected to be marked quantized"
     assert type(model) is LlamaForCausalLM
     assert getattr(model.config, "quantization_config", None) is None
     assert getattr(model, "hf_quantizer", None) is None
@@ -101,13 +98,14 @@ def test_greedy_answer_is_paris(smollm2):
 
 
 def test_plain_model_is_trainable(smollm2):
+    """A gradient reaches the first layer (only one weight takes it, to keep the test cheap)."""
     model, tokenizer = smollm2["cached_model"], smollm2["tokenizer"]
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    model.requires_grad_(False)
+    weight.requires_grad_(True)
     inputs = tokenizer(PROMPT, return_tensors="pt")
-    model.train()
     model(**inputs, labels=inputs.input_ids).loss.backward()
-    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
-    model.zero_grad(set_to_none=True)
-    model.eval()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

