@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import shutil
 import time
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def smollm2(tmp_path_factory):
         cached_seconds = time.perf_counter() - start
         assert len(loaded) == 1, "the second load must come from the cache, not the GGUF"
     reference = loaded[0][0]
-    return dict(model=model, tokenizer=tokenizer, reference=reference, cache_dir=cache_dir,
-                cached_model=cached_model, cached_seconds=cached_seconds)
+    yield dict(model=model, tokenizer=tokenizer, reference=reference, cache_dir=cache_dir,
+               cached_model=cached_model, cached_seconds=cached_seconds)
+    shutil.rmtree(cache_dir.parent)  # 0.5 GB: do not leave it in pytest's kept temp dirs
 
 
 def _logits(model, tokenizer, text: str = PROMPT) -> torch.Tensor:
@@ -106,6 +108,13 @@ def test_plain_model_is_trainable(smollm2):
     inputs = tokenizer(PROMPT, return_tensors="pt")
     model(**inputs, labels=inputs.input_ids).loss.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_load_model_gguf_source_uses_the_cache(smollm2, monkeypatch):
+    monkeypatch.setenv("MIXSGA_CACHE", str(smollm2["cache_dir"].parent))
+    model, tokenizer = load_model(ModelConfig(source="gguf_smollm2", family="llama", dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16 and tokenizer.pad_token is not None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("family", FAMILIES)

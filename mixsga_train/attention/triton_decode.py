@@ -76,13 +76,15 @@ def segment_row_index(expert_ids: torch.Tensor, num_experts: int) -> torch.Tenso
 
     ``expert_ids``: ``[B, T]`` integer tensor. Returns int32 ``[B, T]`` (contiguous) with
     ``row[b, t]`` = number of tokens routed to the same expert that come before ``(t, b)`` in
-    time-major order. A one-hot cumsum over the time-major flattening; no host sync.
+    time-major order. A one-hot cumsum over the time-major flattening: no host sync, so it
+    can be captured in a CUDA graph.
     """
     B, T = expert_ids.shape
-    flat = expert_ids.t().reshape(-1).long()  # time-major [T*B]
-    onehot = torch.nn.functional.one_hot(flat, num_experts).to(torch.int32)
-    rows = onehot.cumsum_(0).gather(1, flat[:, None]).squeeze(1) - 1
-    return rows.view(T, B).t().contiguous().to(torch.int32)
+    classes = torch.arange(num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
+    onehot = expert_ids.t().contiguous()[:, :, None] == classes  # [T, B, E], time-major, contiguous
+    counts = onehot.view(T * B, num_experts).cumsum(0, dtype=torch.int32)
+    rows = torch.where(onehot.view(T * B, num_experts), counts, 0).sum(1, dtype=torch.int32) - 1
+    return rows.view(T, B).t().contiguous()
 
 
 def _check_inputs(query, segment_keys, segment_values, expert_ids, expand_index, kv_mask):

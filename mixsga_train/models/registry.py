@@ -205,7 +205,7 @@ def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[
         eos_token_id=tokenizer.eos_token_id,
     )
     llama_like = dict(common, num_key_value_heads=cfg.tiny_kv_heads, intermediate_size=cfg.tiny_intermediate)
-    head_dim = cfg.tiny_hidden // cfg.tiny_heads
+    per_head = cfg.tiny_hidden // cfg.tiny_heads
     family = cfg.tiny_family
     if family == "llama":
         model_cls, config = LlamaForCausalLM, LlamaConfig(**llama_like)
@@ -216,8 +216,8 @@ def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[
     elif family == "gemma2":
         config = Gemma2Config(
             **llama_like,
-            head_dim=head_dim,
-            query_pre_attn_scalar=head_dim,
+            head_dim=per_head,
+            query_pre_attn_scalar=per_head,
             sliding_window=cfg.tiny_sliding_window,
             attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0,
