@@ -17,16 +17,16 @@ from transformers import LlamaForCausalLM
 
 from mixsga_train.errors import ConfigError
 from mixsga_train.models import gguf
-from mixsga_train.models.registry import (
-    FAMILIES,
-    ModelConfig,
-    head_dim,
-    load_model,
-    max_positions,
-    native_kv_heads,
-    num_layers,
-    tiny_tokenizer,
-)
+from mixsga_train.attention.adapters import adapter_for, head_dim
+from mixsga_train.models.registry import FAMILIES, ModelConfig, load_model, max_positions, tiny_tokenizer
+
+
+def native_kv_heads(config):
+    return adapter_for(config).native_kv_heads(config)
+
+
+def num_layers(config):
+    return config.num_hidden_layers
 
 PROMPT = "The capital of France is"
 

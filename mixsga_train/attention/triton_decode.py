@@ -440,10 +440,16 @@ def mixed_decode_attention(
         query = query.contiguous()
     if row_index is None:
         row_index = segment_row_index(expert_ids, E)
-    elif row_index.dtype != torch.int32 or not row_index.is_contiguous():
-        row_index = row_index.to(torch.int32).contiguous()
+    else:
+        if tuple(row_index.shape) != (B, T):
+            raise ValueError(f"row_index must be [B, T] = [{B}, {T}], got {tuple(row_index.shape)}")
+        if row_index.dtype != torch.int32 or not row_index.is_contiguous():
+            row_index = row_index.to(torch.int32).contiguous()
     expand = _stack_expand_index(expand_index, dev)
-    mask_arg = kv_mask.view(torch.uint8) if kv_mask is not None else expert_ids
+    if kv_mask is None:
+        mask_arg = expert_ids  # unused (HAS_MASK=False)
+    else:
+        mask_arg = (kv_mask if kv_mask.dtype == torch.bool else kv_mask != 0).view(torch.uint8)
     ids = expert_ids
 
     ks, vs = [], []
@@ -517,6 +523,6 @@ def mixed_decode_attention(
             Hq, splits, d,
             BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 2,
+            num_warps=4,
         )
     return out

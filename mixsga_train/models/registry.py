@@ -33,12 +33,14 @@ from transformers import (
 )
 
 from ..errors import ConfigError
+from ..attention.adapters import adapter_for
 from .gguf import load_smollm2_135m
 
 SOURCES = ("hub", "local", "gguf_smollm2", "tiny")
 FAMILIES = ("llama", "gemma2", "opt", "qwen2", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_SPECIAL_TOKENS = ("<eos>", "<pad>", "<bos>")
+SMOLLM2_KV_HEADS, SMOLLM2_LAYERS = 3, 30
 
 
 @dataclass
@@ -53,6 +55,9 @@ class ModelConfig:
     dtype: ``float32`` | ``bfloat16`` | ``float16``.
     max_seq_len: longest sequence the pipeline feeds; must fit the model's positions. Tiny models
         get exactly this many positions.
+    native_kv_heads / num_layers: the checkpoint's KV heads per layer and decoder layers, declared
+        in the model's YAML so attention configs are checked before anything is downloaded;
+        verified against the loaded model. Derived for ``tiny`` and ``gguf_smollm2``.
     tiny_*: source ``tiny`` only. ``tiny_family`` picks the architecture; the sizes default to a
         4-layer, 64-wide model with 4 query and 4 KV heads (so the paper experts [4, 2, 1] apply);
         ``tiny_sliding_window`` is Gemma 2's local window on alternate layers (small so tests
@@ -66,6 +71,8 @@ class ModelConfig:
     family: str | None = None
     dtype: str = "float32"
     max_seq_len: int = 512
+    native_kv_heads: int | None = None
+    num_layers: int | None = None
     tiny_family: str = "llama"
     tiny_layers: int = 4
     tiny_hidden: int = 64
@@ -91,6 +98,15 @@ class ModelConfig:
             self._validate_local()
         if self.source == "tiny":
             self._validate_tiny()
+        self.native_kv_heads, self.num_layers = self.declared_shape()
+
+    def declared_shape(self) -> tuple[int | None, int | None]:
+        """(native KV heads, layers) known before loading."""
+        if self.source == "tiny":
+            return self.tiny_kv_heads, self.tiny_layers
+        if self.source == "gguf_smollm2":
+            return SMOLLM2_KV_HEADS, SMOLLM2_LAYERS
+        return self.native_kv_heads, self.num_layers
 
     def _validate_local(self) -> None:
         if not self.path:
@@ -151,6 +167,13 @@ def _check_loaded(cfg: ModelConfig, config: PretrainedConfig) -> None:
     family = model_family(config)
     if cfg.family is not None and family != cfg.family:
         raise ConfigError("model.family", f"the checkpoint is {family!r}, not {cfg.family!r}; fix model.family or the checkpoint")
+    declared = (cfg.native_kv_heads, cfg.num_layers)
+    actual = (adapter_for(config).native_kv_heads(config), config.num_hidden_layers)
+    if None not in declared and declared != actual:
+        raise ConfigError(
+            "model.native_kv_heads",
+            f"declared (KV heads, layers) {declared} but the checkpoint has {actual}; fix the model config",
+        )
     if cfg.max_seq_len > max_positions(config):
         raise ConfigError("model.max_seq_len", f"{cfg.max_seq_len} exceeds the model's {max_positions(config)} positions; lower it")
 
@@ -236,21 +259,6 @@ def model_family(config: PretrainedConfig) -> str:
     if config.model_type not in FAMILIES:
         raise ConfigError("model.family", f"unsupported architecture {config.model_type!r}; supported: {', '.join(FAMILIES)}")
     return config.model_type
-
-
-def native_kv_heads(config: PretrainedConfig) -> int:
-    """KV heads per layer as shipped (OPT and other MHA configs: the query heads)."""
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-def num_layers(config: PretrainedConfig) -> int:
-    """Decoder layers."""
-    return config.num_hidden_layers
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    """Per-head width: the config's ``head_dim`` where it has one (Gemma 2, SmolLM2), else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def max_positions(config: PretrainedConfig) -> int:

@@ -1,0 +1,143 @@
+"""The whole run as typed dataclasses: what Hydra composes is checked here, before any model or
+data is loaded. Each group of ``conf/`` maps to one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .attention.config import AttentionConfig, ResolvedAttention
+from .data.config import TaskConfig
+from .errors import ConfigError
+from .models.registry import ModelConfig
+
+PRECISIONS = ("fp32", "bf16")
+RESUME = ("never", "auto")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and checkpointing (DeepSpeed does the work).
+
+    zero_stage: DeepSpeed ZeRO stage 0-3. precision: ``fp32`` or ``bf16`` (DeepSpeed bf16).
+    micro_batch_size: sequences per process per step; grad_accum: micro-steps per optimizer step.
+    max_steps: optimizer steps; ``epochs`` instead trains that many passes (exactly one of them).
+    lr, betas, eps, weight_decay, grad_clip: AdamW and clipping. warmup_ratio: linear warm-up
+    share of the steps; min_lr_ratio: where the cosine ends, as a fraction of lr.
+    eval_batch_size: sequences per perplexity batch. eval_before: also evaluate before training.
+    save_every: checkpoint every N optimizer steps (0: only at the end / on SIGINT).
+    keep_checkpoints: how many complete checkpoints to keep. resume: ``auto`` continues the run
+    directory from its last complete checkpoint; ``never`` refuses a directory that has one.
+    log_every: optimizer steps between log lines. train_only_routers: freeze everything else.
+    """
+
+    zero_stage: int = 2
+    precision: str = "fp32"
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = 100
+    epochs: int | None = None
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.015
+    min_lr_ratio: float = 0.0
+    eval_batch_size: int = 4
+    eval_before: bool = True
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "never"
+    log_every: int = 10
+    train_only_routers: bool = False
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("trainer.zero_stage", f"{self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("trainer.precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError("trainer.max_steps", "give exactly one of trainer.max_steps and trainer.epochs (set the other to null)")
+        for key in ("micro_batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}", f"{getattr(self, key)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError("trainer.max_steps", f"{self.max_steps} must be >= 0")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("trainer.epochs", f"{self.epochs} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("trainer.lr", f"{self.lr} must be positive, e.g. 2e-4")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("trainer.betas", f"{self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("trainer.warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
+        if self.save_every < 0:
+            raise ConfigError("trainer.save_every", f"{self.save_every} must be >= 0 (0: only at the end)")
+        if self.resume not in RESUME:
+            raise ConfigError("trainer.resume", f"unknown {self.resume!r}; choose one of {', '.join(RESUME)}")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking. backend: ``wandb`` or ``none``. mode: W&B ``offline`` (default: files
+    under the run directory, ``wandb sync`` later), ``online`` or ``disabled``. group defaults to
+    the experiment name; tags get the method and budget added."""
+
+    backend: str = "wandb"
+    project: str = "mixsga-train"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.backend not in LOGGERS:
+            raise ConfigError("logger.backend", f"unknown {self.backend!r}; choose one of {', '.join(LOGGERS)}")
+        if self.mode not in WANDB_MODES:
+            raise ConfigError("logger.mode", f"unknown {self.mode!r}; choose one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class RunConfig:
+    """One run: model x attention x task x trainer x logger, plus the experiment label and seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: str = "default"
+    seed: int = 0
+
+    def validate(self) -> ResolvedAttention:
+        """Check every group and their combination; returns the attention resolved for the model."""
+        self.model.validate()
+        self.task.validate()
+        self.trainer.validate()
+        self.logger.validate()
+        if self.model.native_kv_heads is None or self.model.num_layers is None:
+            raise ConfigError("model.native_kv_heads", "unknown; declare native_kv_heads and num_layers in the model config")
+        resolved = self.attention.resolve(self.model.native_kv_heads, self.model.num_layers)
+        longest = self.task.seq_len if self.task.kind == "lm" else self.task.max_len
+        key = "task.seq_len" if self.task.kind == "lm" else "task.max_len"
+        if longest > self.model.max_seq_len:
+            raise ConfigError(
+                key, f"{longest} exceeds model.max_seq_len={self.model.max_seq_len} for {self.model.name}; lower {key}"
+            )
+        return resolved
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Merge a composed Hydra config onto the dataclass schema; type errors become ConfigErrors."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        message = str(err).splitlines()[0]
+        raise ConfigError(key, f"{message}; check the spelling and type of this key") from None
