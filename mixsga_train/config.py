@@ -104,14 +104,14 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    """One run: model x attention x task x trainer x logger, plus the experiment label and seed."""
+    """One run: model x attention x task x trainer x logger, plus the experiment label (W&B group) and seed."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    experiment: str = "default"
+    experiment_name: str = "default"
     seed: int = 0
 
     def validate(self) -> ResolvedAttention:

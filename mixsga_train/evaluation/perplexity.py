@@ -53,20 +53,43 @@ def evaluate_perplexity(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if words is not None and words < 1:
         raise ValueError(f"words must be positive (count_words of the evaluated text), got {words}")
+    batches = [{"input_ids": blocks[i : i + batch_size]} for i in range(0, blocks.shape[0], batch_size)]
+    nll_sum, tokens, stats = _sum_nll(model, batches, routing)
+    return _result(nll_sum, tokens, words, routing, stats)
+
+
+@torch.no_grad()
+def evaluate_response_perplexity(model: nn.Module, batches: list[dict], routing: str = "topk") -> PerplexityResult:
+    """Perplexity over the labelled tokens of padded SFT batches (``input_ids``, ``attention_mask``,
+    ``labels`` [B, L], -100 where no loss is taken): the response tokens only."""
+    if routing not in PPL_ROUTINGS:
+        raise ValueError(f"routing must be one of {PPL_ROUTINGS}, got {routing!r}")
+    nll_sum, tokens, stats = _sum_nll(model, batches, routing)
+    return _result(nll_sum, tokens, None, routing, stats)
+
+
+def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
+    """(total NLL in fp64, predicted tokens, routing stats) of next-token prediction over batches.
+    Without ``labels`` every next token counts; with them, only positions whose label is not -100."""
     device = next(model.parameters()).device
     nll = torch.zeros((), dtype=torch.float64)
+    tokens = 0
     with evaluating(model, routing) as stats:
-        for start in range(0, blocks.shape[0], batch_size):
-            batch = blocks[start : start + batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, :-1]
-            losses = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            targets = batch.pop("labels", batch["input_ids"])[:, 1:]
+            logits = model(**batch).logits[:, :-1]
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
             nll += losses.double().sum().cpu()
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    nll_sum = nll.item()
+            tokens += int((targets != -100).sum())
+    return nll.item(), tokens, stats
+
+
+def _result(nll_sum: float, tokens: int, words: int | None, routing: str, stats) -> PerplexityResult:
     return PerplexityResult(
         nll_sum=nll_sum,
         tokens=tokens,
-        ppl=_exp(nll_sum / tokens),
+        ppl=_exp(nll_sum / tokens) if tokens else math.nan,
         word_ppl=_exp(nll_sum / words) if words is not None else None,
         routing=routing,
         agreement=stats.agreement if stats is not None else None,

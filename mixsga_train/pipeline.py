@@ -1,0 +1,149 @@
+"""One run, start to end: validate -> load -> convert -> evaluate -> train -> evaluate -> write.
+
+Knows the order of things and nothing about how each is done; ``train.py`` (Hydra) and
+``evaluate.py`` call into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .attention import convert_model
+from .attention.config import ResolvedAttention
+from .config import RunConfig
+from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
+from .data.text import LMBlockDataset, count_words, lm_blocks, load_text_splits
+from .evaluation.kv import native_kv_bytes_per_token
+from .evaluation.suite import evaluate_lm, evaluate_sft
+from .models.registry import load_model
+from .run_dir import METRICS, check_run_dir, provenance, write_json_atomic
+from .tracking import start_tracker
+from .training.distributed import Dist, init_distributed
+from .training.loop import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """A task's tensors: training set + collate, and what evaluation needs."""
+
+    train: object
+    collate: object
+    eval_blocks: torch.Tensor | None = None
+    eval_words: int | None = None
+    test_batches: list | None = None
+    eval_sets: dict | None = None
+
+
+def load_task_data(cfg: RunConfig, tokenizer) -> TaskData:
+    """Tokenised train/eval data of an ``lm`` or ``sft`` task."""
+    task = cfg.task
+    if task.kind == "lm":
+        splits = load_text_splits(task)
+        train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
+        eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
+        evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
+        return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, count_words(evaluated_text))
+    splits = load_sft_splits(task)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    test = SFTDataset(splits["test"][: task.eval_max_examples], tokenizer, task.max_len, task.max_prompt_len)
+    bs = cfg.trainer.eval_batch_size
+    test_batches = [collate([test[i] for i in range(s, min(s + bs, len(test)))]) for s in range(0, len(test), bs)]
+    return TaskData(
+        SFTDataset(splits["train"], tokenizer, task.max_len, task.max_prompt_len),
+        collate,
+        test_batches=test_batches,
+        eval_sets=load_eval_sets(task, splits["test"]),
+    )
+
+
+def _stack(items: list[dict]) -> dict:
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> dict:
+    if cfg.task.kind == "lm":
+        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size)
+    return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size, cfg.seed)
+
+
+def run_tags(resolved: ResolvedAttention) -> list[str]:
+    return [f"method:{resolved.method}", f"budget:{resolved.kv_budget:.3f}"]
+
+
+def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml: dict) -> dict:
+    """Train and evaluate one configuration in ``run_dir``; returns the metrics written there."""
+    resume_step = check_run_dir(run_dir, cfg.trainer.resume)
+    dist = init_distributed()
+    torch.manual_seed(cfg.seed)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))
+        write_json_atomic(run_dir / "provenance.json", provenance(cfg.seed))
+    model, tokenizer = load_model(cfg.model)
+    data = load_task_data(cfg, tokenizer)
+    convert_model(model, resolved)
+    model.to(dist.device)
+    log.info("%s", resolved.describe())
+    before = evaluate(model, tokenizer, data, cfg) if cfg.trainer.eval_before and resume_step is None else None
+    tracker = start_tracker(cfg.logger, run_dir, run_dir.name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main)
+    if before is not None:
+        tracker.log({f"eval_before/{k}": v for k, v in before.items() if isinstance(v, float)}, step=0)
+    result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
+    after = evaluate(model, tokenizer, data, cfg)
+    metrics = assemble_metrics(cfg, resolved, model, before, after, result)
+    if dist.is_main:
+        model.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+        write_json_atomic(run_dir / METRICS, metrics)
+    tracker.summary(metrics)
+    tracker.finish()
+    return metrics
+
+
+def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before, after, result) -> dict:
+    """The metrics.json contract (design.md section 6)."""
+    dtype = next(model.parameters()).dtype
+    train_block = None
+    if result is not None:
+        train_block = {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+            "tokens_per_s": result.tokens_per_s,
+            "final_loss": result.final_loss,
+            "final_lm_loss": result.final_lm_loss,
+            "resumed_from": result.resumed_from,
+        }
+    return {
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "experiment": cfg.experiment_name,
+        "seed": cfg.seed,
+        "method": resolved.method,
+        "expert_kv_heads": resolved.expert_kv_heads,
+        "ratio": resolved.ratio,
+        "router_grad": resolved.router_grad if resolved.method == "mixsga" else None,
+        "router": resolved.router if resolved.method == "mixsga" else None,
+        "alpha": resolved.alpha if resolved.method == "mixsga" else None,
+        "kv_budget": resolved.kv_budget,
+        "kv_bytes_per_token": after["kv_bytes_per_token"],
+        "kv_bytes_per_token_native": native_kv_bytes_per_token(model.config, dtype),
+        "params": sum(p.numel() for p in model.parameters()),
+        "attention": asdict(resolved),
+        "train": train_block,
+        "eval_before": before,
+        "eval": after,
+    }
+
+
+def eval_only(cfg: RunConfig, model, tokenizer, dist: Dist | None = None) -> dict:
+    """Evaluate an already loaded (converted) model on ``cfg.task``."""
+    data = load_task_data(cfg, tokenizer)
+    return evaluate(model, tokenizer, data, cfg)

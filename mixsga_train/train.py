@@ -1,0 +1,85 @@
+"""``mixsga-train`` / ``python -m mixsga_train.train``: compose the Hydra config, validate it,
+then convert, train, evaluate and write ``metrics.json`` in the run directory.
+
+Single process needs no launcher. Multi-process: ``torchrun --nproc_per_node=N -m
+mixsga_train.train hydra.run.dir=DIR ...`` or ``deepspeed --no_local_rank --num_gpus=N
+$(which mixsga-train) hydra.run.dir=DIR ...`` (pin hydra.run.dir so all ranks agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .cli_checks import check_group_choices
+from .config import to_run_config
+from .errors import ConfigError, DataError
+from .training.loop import TrainingDiverged, TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    try:
+        run_cfg = to_run_config(cfg)
+        resolved = run_cfg.validate()
+    except ConfigError as err:
+        fail(str(err), EXIT_CONFIG)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    print(f"attention: {resolved.describe()}", flush=True)
+    from .pipeline import run  # heavy imports only after validation
+
+    try:
+        metrics = run(run_cfg, resolved, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    except (ConfigError, DataError) as err:
+        fail(str(err), EXIT_CONFIG)
+    except TrainingDiverged as err:
+        fail(str(err), EXIT_DIVERGED)
+    except TrainingInterrupted as err:
+        fail(str(err), EXIT_INTERRUPTED)
+    print(summary(metrics, run_dir), flush=True)
+
+
+def summary(metrics: dict, run_dir: Path) -> str:
+    """The few numbers a person wants after a run."""
+    lines = [f"run: {metrics['model']} {metrics['method']} ({100 * metrics['kv_budget']:.1f}% KV) on {metrics['task']}"]
+    before, after = metrics.get("eval_before"), metrics["eval"]
+    if before is not None:
+        lines.append(f"perplexity before training: {before['ppl']:.2f} (causal routing {before['ppl_causal_routing']:.2f})")
+    lines.append(f"perplexity after training:  {after['ppl']:.2f} (causal routing {after['ppl_causal_routing']:.2f})")
+    for name, value in after["rouge_l"].items():
+        lines.append(f"ROUGE-L {name}: {value:.2f}")
+    native = metrics["kv_bytes_per_token_native"]
+    lines.append(f"KV bytes per token: {after['kv_bytes_per_token']:.1f} measured vs {native} native "
+                 f"({100 * after['kv_bytes_per_token'] / native:.1f}%)")
+    train = metrics["train"]
+    if train:
+        lines.append(f"trained {train['steps']} steps, {train['tokens']} tokens in {train['seconds']:.0f} s "
+                     f"({train['tokens_per_s']:.0f} tok/s), final loss {train['final_loss']:.4f}")
+    lines.append(f"run directory: {run_dir}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        fail(str(err), EXIT_CONFIG)
+    _main()
+
+
+if __name__ == "__main__":
+    main()

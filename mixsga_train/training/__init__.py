@@ -1,0 +1,1 @@
+"""Training with DeepSpeed: distributed setup, the engine config, checkpoints and the loop."""
