@@ -28,6 +28,7 @@ METHODS = ("mha", "gqa", "cla", "mixsga")
 ROUTER_GRADS = ("aux_only", "straight_through")
 ROUTERS = ("learned", "random")
 CLA_INITS = ("first", "mean")
+DECODE_KERNELS = ("torch", "triton")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class AttentionConfig:
     router_grad: mixSGA only: ``aux_only`` (router trained by the aux loss alone, the paper's
         literal eq. 9) or ``straight_through`` (LM gradient reaches the selected expert's score).
     router: mixSGA only: ``learned`` or ``random`` (ablation: tokens drawn to the target ratio).
+    decode_kernel: mixSGA/GQA inference: ``torch`` (expand the cache to H_kv heads, then the model's
+        own attention) or ``triton`` (decode steps read the mixed cache with the fused kernel in
+        ``triton_decode.py``; falls back to ``torch`` with one warning where it cannot run, see
+        ``decode_kernel.py``). Prefill and training always use the model's own attention.
     """
 
     method: str = "mha"
@@ -57,6 +62,7 @@ class AttentionConfig:
     alpha: float = 1.0
     router_grad: str = "straight_through"
     router: str = "learned"
+    decode_kernel: str = "torch"
 
     def resolve(self, native_kv_heads: int, num_layers: int) -> "ResolvedAttention":
         """Validate against the model's shape; every failure is a one-line ConfigError."""
@@ -64,13 +70,20 @@ class AttentionConfig:
             raise ConfigError("attention.method", f"unknown {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.budget is not None and not 0 < self.budget <= 1:
             raise ConfigError("attention.budget", f"{self.budget} is outside (0, 1]; pick e.g. 0.5")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ConfigError(
+                "attention.decode_kernel", f"unknown {self.decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}"
+            )
         if self.method == "mha":
-            return ResolvedAttention("mha", native_kv_heads, num_layers, kv_budget=1.0)
-        if self.method == "gqa":
-            return self._resolve_gqa(native_kv_heads, num_layers)
-        if self.method == "cla":
-            return self._resolve_cla(native_kv_heads, num_layers)
-        return self._resolve_mixsga(native_kv_heads, num_layers)
+            resolved = ResolvedAttention("mha", native_kv_heads, num_layers, kv_budget=1.0)
+        elif self.method == "gqa":
+            resolved = self._resolve_gqa(native_kv_heads, num_layers)
+        elif self.method == "cla":
+            resolved = self._resolve_cla(native_kv_heads, num_layers)
+        else:
+            resolved = self._resolve_mixsga(native_kv_heads, num_layers)
+        resolved.decode_kernel = self.decode_kernel
+        return resolved
 
     def _resolve_gqa(self, native_kv_heads: int, num_layers: int) -> "ResolvedAttention":
         if self.kv_heads is None and self.budget is None:
@@ -148,6 +161,7 @@ class ResolvedAttention:
     router: str = "learned"
     cla_groups: list[list[int]] | None = None
     cla_init: str = "first"
+    decode_kernel: str = "torch"
 
     def describe(self) -> str:
         """One line for logs, e.g. ``mixsga 3:1:6 over KV heads [8, 4, 2]: 50.0% of native KV``."""
