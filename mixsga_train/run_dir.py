@@ -1,9 +1,11 @@
 """What a run directory holds, and the rules that protect it.
 
-``config.yaml`` (the resolved config), ``provenance.json`` (seed, library versions, git commit),
-``checkpoints/`` (complete-or-invisible DeepSpeed checkpoints), ``model/`` (the final
-``save_pretrained`` weights) and ``metrics.json`` (the contract of design.md section 6, written
-atomically, last: its presence means the run finished).
+``config.yaml`` (the resolved config), ``provenance.json`` (seed, library versions, git commit;
+plus one entry per resume), ``eval_before.json`` (the evaluation before training, kept so a
+resumed run reports it too), ``checkpoints/`` (complete-or-invisible DeepSpeed checkpoints),
+``model/`` (the final ``save_pretrained`` weights) and ``metrics.json`` (the contract of
+design.md section 6, written atomically, last: its presence means the run finished). Only
+rank 0 writes them, except the checkpoints' per-rank shards.
 """
 
 from __future__ import annotations
@@ -20,15 +22,30 @@ from .errors import ConfigError
 from .training import checkpoints
 
 METRICS = "metrics.json"
+PROVENANCE = "provenance.json"
+EVAL_BEFORE = "eval_before.json"
 PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "hydra-core", "wandb", "triton", "mixsga-train")
 
 
-def check_run_dir(run_dir: Path, resume: str) -> int | None:
-    """Refuse to overwrite a finished run; return the checkpoint step to resume from (or None)."""
+def refuse_finished(argv: list[str]) -> None:
+    """Before Hydra writes anything into it: refuse a run directory pinned on the command line
+    (``hydra.run.dir=DIR``) that holds a finished run."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra.run.dir" and value and "${" not in value:
+            _refuse_finished(Path(value))
+
+
+def _refuse_finished(run_dir: Path) -> None:
     if (run_dir / METRICS).exists():
         raise ConfigError(
             "hydra.run.dir", f"{run_dir} already holds a finished run ({METRICS}); choose another directory or delete it"
         )
+
+
+def check_run_dir(run_dir: Path, resume: str) -> int | None:
+    """Refuse to overwrite a finished run; return the checkpoint step to resume from (or None)."""
+    _refuse_finished(run_dir)
     latest = checkpoints.latest_complete(checkpoints.checkpoint_root(run_dir))
     if latest is not None and resume != "auto":
         raise ConfigError(
@@ -41,6 +58,23 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_finite(payload), indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file written by ``write_json_atomic``, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record_provenance(run_dir: Path, seed: int, resume_step: int | None) -> None:
+    """Write ``provenance.json``; a resumed run keeps the original record and appends the step it
+    resumed from with the code and library versions that continued it."""
+    current = provenance(seed)
+    record = read_json(run_dir / PROVENANCE) if resume_step is not None else None
+    if record is None:
+        record = current
+    else:
+        record.setdefault("resumes", []).append({"step": resume_step, "git_commit": current["git_commit"], "versions": current["versions"]})
+    write_json_atomic(run_dir / PROVENANCE, record)
 
 
 def provenance(seed: int) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from .decode_kernel import DecodeKernelSwitch, decode_placeholders
 from .heads import HeadGrouping
 from .routing import TokenRouter
 
@@ -26,15 +27,30 @@ class MixedKVLayer(CacheLayerMixin):
     time-major order (time, then batch row); expert_ids: [B, T] uint8 (kept only with more than
     one expert). New tokens arrive at full H_kv heads (already grouped by the projection); their
     expert ids come from the layer's router (``router.last_ids``).
+
+    With a ``decode_switch`` (``attention.decode_kernel: triton``) the layer also keeps, for the
+    fused decode kernel, each token's row inside its expert segment (``row_index`` [B, T] int32,
+    counted in ``nbytes``) and the ``[E, H_kv]`` int32 ``expand_table``; on one-token steps that
+    the kernel serves, ``update`` returns tagged placeholders instead of the expanded cache
+    (see ``decode_kernel.py``).
     """
 
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, groupings: list[HeadGrouping], router: TokenRouter | None = None):
+    def __init__(
+        self,
+        groupings: list[HeadGrouping],
+        router: TokenRouter | None = None,
+        decode_switch: DecodeKernelSwitch | None = None,
+    ):
         super().__init__()
         self.groupings = groupings
         self.router = router
+        self.decode_switch = decode_switch
+        self.row_index: torch.Tensor | None = None
+        self.expand_table: torch.Tensor | None = None
+        self._zero_ids: torch.Tensor | None = None
         self.segment_keys: list[torch.Tensor] = []
         self.segment_values: list[torch.Tensor] = []
         self.expert_ids: torch.Tensor | None = None
@@ -51,6 +67,9 @@ class MixedKVLayer(CacheLayerMixin):
         self.batch_size = key_states.shape[0]
         if len(self.groupings) > 1:
             self.expert_ids = torch.empty(self.batch_size, 0, dtype=torch.uint8, device=device)
+        if self.decode_switch is not None:
+            self.row_index = torch.empty(self.batch_size, 0, dtype=torch.int32, device=device)
+            self.expand_table = torch.stack(self.expand_index).to(torch.int32).contiguous()
         self.is_initialized = True
 
     def _new_ids(self, batch: int, length: int, device) -> torch.Tensor:
@@ -63,23 +82,47 @@ class MixedKVLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key_states, value_states: [B, H_kv, n, d_h] for n new tokens. Returns all cached K/V
-        expanded to [B, H_kv, T, d_h] in token order."""
+        expanded to [B, H_kv, T, d_h] in token order (or, on a kernel decode step, placeholders)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        batch, _, new, _ = key_states.shape
+        batch, heads, new, d_h = key_states.shape
         ids = self._new_ids(batch, new, key_states.device)
         keys_t = key_states.permute(2, 0, 1, 3)  # [n, B, H, d]: time-major
         values_t = value_states.permute(2, 0, 1, 3)
         ids_t = ids.t()
+        rows_t = None if self.row_index is None else torch.zeros(new, batch, dtype=torch.int32, device=ids.device)
         for e in range(len(self.groupings)):
-            chosen = ids_t == e
             rep = self.representative[e]
-            self.segment_keys[e] = torch.cat([self.segment_keys[e], keys_t[chosen][:, rep]])
-            self.segment_values[e] = torch.cat([self.segment_values[e], values_t[chosen][:, rep]])
+            before = self.segment_keys[e].shape[0]
+            if len(self.groupings) == 1:  # every token: no boolean indexing (no host sync)
+                new_k, new_v = keys_t.reshape(-1, heads, d_h)[:, rep], values_t.reshape(-1, heads, d_h)[:, rep]
+                if rows_t is not None:
+                    rows_t = torch.arange(before, before + new * batch, dtype=torch.int32, device=ids.device).view(new, batch)
+            else:
+                chosen = ids_t == e
+                new_k, new_v = keys_t[chosen][:, rep], values_t[chosen][:, rep]
+                if rows_t is not None:  # row in the segment = tokens of e before it, time-major
+                    rank = chosen.reshape(-1).cumsum(0, dtype=torch.int32).view(new, batch) + (before - 1)
+                    rows_t = torch.where(chosen, rank, rows_t)
+            self.segment_keys[e] = torch.cat([self.segment_keys[e], new_k])
+            self.segment_values[e] = torch.cat([self.segment_values[e], new_v])
         if self.expert_ids is not None:
             self.expert_ids = torch.cat([self.expert_ids, ids.to(torch.uint8)], dim=1)
+        if rows_t is not None:
+            self.row_index = torch.cat([self.row_index, rows_t.t()], dim=1)
         self.seq_length += new
+        if new == 1 and self.decode_switch is not None and self.decode_switch.use_kernel(key_states):
+            return decode_placeholders(self, key_states, value_states)
         return self.expanded()
+
+    def kernel_expert_ids(self) -> torch.Tensor:
+        """[B, T] expert ids for the decode kernel (all zeros, a view of a reused buffer, for one expert)."""
+        if self.expert_ids is not None:
+            return self.expert_ids
+        if self._zero_ids is None or self._zero_ids.shape[1] < self.seq_length:
+            size = max(256, 2 * self.seq_length)
+            self._zero_ids = torch.zeros(self.batch_size, size, dtype=torch.uint8, device=self.device)
+        return self._zero_ids[:, : self.seq_length]
 
     def expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All cached K/V at H_kv heads: ([B, H_kv, T, d_h], [B, H_kv, T, d_h])."""
@@ -97,7 +140,8 @@ class MixedKVLayer(CacheLayerMixin):
         return full.permute(1, 2, 0, 3)
 
     def nbytes(self) -> int:
-        tensors = self.segment_keys + self.segment_values + ([self.expert_ids] if self.expert_ids is not None else [])
+        tensors = self.segment_keys + self.segment_values
+        tensors += [t for t in (self.expert_ids, self.row_index) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -110,7 +154,7 @@ class MixedKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.groupings, self.router)
+        self.__init__(self.groupings, self.router, self.decode_switch)
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError(

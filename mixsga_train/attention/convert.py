@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .adapters import adapter_for, head_dim
 from .cache import KVBudgetCache, MixedKVLayer, SharedKVLayer
 from .config import AttentionConfig, ResolvedAttention
+from .decode_kernel import enable_decode_kernel
 from .heads import HeadGrouping
 from .projections import MixedHeadProjection, PooledHeadProjection, SharedKVBorrower, SharedKVOwner
 from .routing import RoutingContext, TokenRouter
@@ -32,7 +33,8 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
 
     After conversion ``model.generate()`` uses a ``KVBudgetCache`` by default, ``model.train()``
     adds ``alpha * mean_l L_aux`` (eq. 5) to the returned loss, and ``routing_context(model)``
-    selects the routing mode.
+    selects the routing mode. With ``decode_kernel: triton`` the model's attention implementation
+    becomes ``mixsga_triton_<original>`` (see ``decode_kernel.py``).
     """
     if getattr(model, "_mixsga_resolved", None) is not None:
         raise ValueError("model is already converted")
@@ -47,6 +49,7 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
     model._mixsga_resolved = resolved
     model._mixsga_context = context
     model._mixsga_layouts = layouts
+    model._mixsga_decode_switch = enable_decode_kernel(model, resolved)
     model.config.mixsga = asdict(resolved)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, with_kwargs=True)
@@ -98,11 +101,12 @@ def _cla_init(linears: list[nn.Linear], init: str):
 def build_cache(model: nn.Module) -> KVBudgetCache:
     """A fresh cache laid out for the converted ``model`` (one layer object per decoder layer)."""
     layers = []
+    switch = getattr(model, "_mixsga_decode_switch", None)
     for layout in model._mixsga_layouts:
         if layout[0] == "native":
             layers.append(DynamicLayer())
         elif layout[0] == "mixed":
-            layers.append(MixedKVLayer(layout[1], layout[2]))
+            layers.append(MixedKVLayer(layout[1], layout[2], switch))
         else:
             layers.append(SharedKVLayer(layers[layout[1]]))
     return KVBudgetCache(layers)

@@ -129,8 +129,14 @@ def load_instruction_jsonl(path: str | Path) -> list[InstructionRecord]:
 def _load_hub_records(path: str, name: str | None, data_files: str | None = None) -> list[InstructionRecord]:
     import datasets  # deferred: heavy import, only the Hub path needs it
 
-    rows = datasets.load_dataset(path, name, data_files=data_files, split="train")
     where = f"{path}/{data_files or name or 'train'}"
+    try:
+        rows = datasets.load_dataset(path, name, data_files=data_files, split="train")
+    except OSError as err:  # offline, unknown name, no access: ConnectionError, DatasetNotFoundError
+        raise DataError(
+            f"Hub dataset {where}: cannot load it ({type(err).__name__}); "
+            "offline or a wrong name? use a local file: task.jsonl=/path/to/data.jsonl (eval_sets take .jsonl paths too)"
+        ) from None
     return [rec for i, row in enumerate(rows) for rec in records_from_json(row, f"{where}[{i}]")]
 
 

@@ -88,7 +88,13 @@ def _package_splits(package: str) -> dict[str, TextSplit]:
 def _hub_splits(path: str, name: str | None) -> dict[str, TextSplit]:
     import datasets  # deferred: heavy import, only the Hub path needs it
 
-    loaded = datasets.load_dataset(path, name)
+    try:
+        loaded = datasets.load_dataset(path, name)
+    except OSError as err:  # offline, unknown name, no access: ConnectionError, DatasetNotFoundError
+        raise DataError(
+            f"Hub dataset {path}/{name}: cannot load it ({type(err).__name__}); "
+            "offline or a wrong name? set task.local_dir to a folder with valid.txt and test.txt"
+        ) from None
     splits = {}
     for split, hub_split in HUB_SPLITS.items():
         if hub_split not in loaded:

@@ -32,6 +32,13 @@ def mark_complete(root: Path, step: int) -> None:
     os.replace(tmp, target)
 
 
+def discard_incomplete(root: Path, step: int) -> None:
+    """Remove what a crashed earlier write of ``step`` left behind, so a new save starts clean."""
+    path = root / tag(step)
+    if path.is_dir() and not (path / MARKER).is_file():
+        shutil.rmtree(path)
+
+
 def complete_steps(root: Path) -> list[int]:
     """Steps of the complete checkpoints, oldest first."""
     if not root.is_dir():

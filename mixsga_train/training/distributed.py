@@ -10,7 +10,6 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -21,6 +20,19 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def worker_overrides() -> list[str]:
+    """Hydra overrides for ranks other than 0, so that only rank 0 writes into the shared run
+    directory (no ``.hydra/`` copy, no job log file: they log to stdout)."""
+    if launcher_rank() == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 def _free_port() -> int:
@@ -48,23 +60,33 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def all_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over all ranks."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Elementwise sum over all ranks of a list of floats (float64; unchanged on one process)."""
+    if not _multi():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t.tolist()
 
 
-def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Elementwise sum over all ranks (a copy)."""
-    out = tensor.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out)
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (so all ranks take the same branch)."""
+    return all_sum([float(flag)], device)[0] > 0
+
+
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank, in rank order."""
+    if not _multi():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi():
         dist.barrier()
