@@ -18,6 +18,16 @@ Bytes are estimates of what each method must move from memory per step (see ``by
 
 Writes ``experiments/results/decode_bench.{md,json}`` (``decode_bench_cpu_smoke.*`` with
 ``--cpu-smoke``, which runs tiny shapes on CPU with the Triton interpreter to exercise the code).
+
+End to end (``--mode e2e``, or ``all``, the default): greedy ``generate()`` decode tokens/s of a
+randomly initialised Llama-3.2-1B-shaped model (built from a ``LlamaConfig``, no download) in
+five variants: ``unconverted`` (SDPA, DynamicCache), ``gqa_torch`` / ``gqa_triton`` (GQA, 4 KV
+heads) and ``mixsga_torch`` / ``mixsga_triton`` (mixSGA 3:1:6 over [8, 4, 2] KV heads), the
+``_torch`` / ``_triton`` suffix being ``attention.decode_kernel``. Prompts are random tokens of the
+given context length, no padding. A logits processor timestamps every step (after a CUDA sync);
+decode time per step is the mean over steps 2..N (step 1 may include Triton's JIT compile), and
+decode tokens/s = batch / step time. Writes ``decode_e2e.{md,json}`` (rewritten after every row,
+so a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ["mixsga_kernel", "mixsga_kernel_core", "mixsga_torch", "gqa_sdpa", "mha_sdpa"]
+E2E_METHODS = ["unconverted", "gqa_torch", "gqa_triton", "mixsga_torch", "mixsga_triton"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cudagraph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--mode", choices=["all", "op", "e2e"], default="all",
+                   help="op: one layer's attention step; e2e: generate() on a Llama-3.2-1B-shaped model; all: both")
+    p.add_argument("--e2e-batches", type=int, nargs="+", default=None, help="default: --batches")
+    p.add_argument("--e2e-contexts", type=int, nargs="+", default=None, help="default: --contexts")
+    p.add_argument("--e2e-methods", nargs="+", choices=E2E_METHODS, default=E2E_METHODS)
+    p.add_argument("--new-tokens", type=int, default=32, help="e2e: tokens generated per run (>= 3)")
+    p.add_argument("--gqa-kv-heads", type=int, default=4, help="e2e: KV heads of the GQA variant")
     p.add_argument(
         "--cpu-smoke",
         action="store_true",
@@ -70,9 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             ("--kv-heads", "kv_heads", 4),
             ("--head-dim", "head_dim", 16),
             ("--expert-kv-heads", "expert_kv_heads", [4, 2, 1]),
+            ("--new-tokens", "new_tokens", 4),
+            ("--gqa-kv-heads", "gqa_kv_heads", 2),
+            ("--e2e-contexts", "e2e_contexts", [16, 40]),
         ]:
             if flag not in given:
                 setattr(args, attr, val)
+    args.e2e_batches = args.e2e_batches or args.batches
+    args.e2e_contexts = args.e2e_contexts or args.contexts
+    if args.new_tokens < 3:
+        p.error("--new-tokens must be >= 3 (step 1 is excluded from the decode timing)")
     return args
 
 
@@ -179,16 +204,23 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    from mixsga_train.attention.triton_decode import (
-        mixed_decode_attention,
-        segment_row_index,
-        triton_available,
-    )
+    from mixsga_train.attention.triton_decode import triton_available
 
     if not triton_available():
         print("bench_decode_gpu: triton is not importable; cannot time the kernel.", file=sys.stderr)
         return 2
+    if args.mode in ("all", "op"):
+        run_op_bench(args, torch, F)
+    if args.mode in ("all", "e2e"):
+        run_e2e_bench(args, torch)
+    return 0
+
+
+def run_op_bench(args, torch, F) -> None:
+    """One layer's decode-step attention for each method (the original benchmark)."""
     import triton.testing
+
+    from mixsga_train.attention.triton_decode import mixed_decode_attention, segment_row_index
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -305,7 +337,6 @@ def main(argv=None) -> int:
     )
     (args.out_dir / f"{stem}.md").write_text(markdown(meta, rows, ratios, checks))
     print(f"\nwrote {args.out_dir / (stem + '.md')} and .json")
-    return 0
 
 
 def build_budget(args) -> float:

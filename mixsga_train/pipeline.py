@@ -1,7 +1,9 @@
-"""One run, start to end: validate -> load -> convert -> evaluate -> train -> evaluate -> write.
+"""One run, start to end: check the run dir -> read data -> load the model -> tokenise -> write
+config/provenance -> convert -> evaluate -> train -> evaluate -> write metrics.
 
 Knows the order of things and nothing about how each is done; ``train.py`` (Hydra) and
-``evaluate.py`` call into it.
+``evaluate.py`` call into it. Everything that can fail on bad input (the run directory, data
+files, the model name, corpus length) fails before anything is written to the run directory.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from omegaconf import OmegaConf
 from .attention import convert_model
 from .attention.config import ResolvedAttention
 from .config import RunConfig
+from .data.config import TaskConfig
 from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
-from .data.text import LMBlockDataset, count_words, lm_blocks, load_text_splits
+from .data.text import LMBlockDataset, TextSplit, count_words, lm_blocks, load_text_splits
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
-from .run_dir import METRICS, check_run_dir, provenance, write_json_atomic
+from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
 from .tracking import start_tracker
 from .training.distributed import Dist, init_distributed
 from .training.loop import train
@@ -41,16 +44,35 @@ class TaskData:
     eval_sets: dict | None = None
 
 
-def load_task_data(cfg: RunConfig, tokenizer) -> TaskData:
-    """Tokenised train/eval data of an ``lm`` or ``sft`` task."""
-    task = cfg.task
+@dataclass
+class RawTask:
+    """A task's data as read, before tokenising: text splits (``lm``) or record splits and
+    ROUGE-L sets (``sft``)."""
+
+    text: dict[str, TextSplit] | None = None
+    records: dict | None = None
+    eval_sets: dict | None = None
+
+
+def read_task(task: TaskConfig) -> RawTask:
+    """Read (and so check) a task's files or Hub data; needs no tokenizer or model."""
     if task.kind == "lm":
-        splits = load_text_splits(task)
+        return RawTask(text=load_text_splits(task))
+    records = load_sft_splits(task)
+    return RawTask(records=records, eval_sets=load_eval_sets(task, records["test"]))
+
+
+def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> TaskData:
+    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``)."""
+    task = cfg.task
+    raw = raw if raw is not None else read_task(task)
+    if task.kind == "lm":
+        splits = raw.text
         train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
         evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
         return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, count_words(evaluated_text))
-    splits = load_sft_splits(task)
+    splits = raw.records
     collate = SFTCollator(tokenizer.pad_token_id)
     test = SFTDataset(splits["test"][: task.eval_max_examples], tokenizer, task.max_len, task.max_prompt_len)
     bs = cfg.trainer.eval_batch_size
@@ -59,7 +81,7 @@ def load_task_data(cfg: RunConfig, tokenizer) -> TaskData:
         SFTDataset(splits["train"], tokenizer, task.max_len, task.max_prompt_len),
         collate,
         test_batches=test_batches,
-        eval_sets=load_eval_sets(task, splits["test"]),
+        eval_sets=raw.eval_sets,
     )
 
 
@@ -78,23 +100,26 @@ def run_tags(resolved: ResolvedAttention) -> list[str]:
 
 
 def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml: dict) -> dict:
-    """Train and evaluate one configuration in ``run_dir``; returns the metrics written there."""
+    """Train and evaluate one configuration in ``run_dir``; returns the metrics written there.
+
+    Every rank runs all of it (evaluation is replicated, so every rank computes the same
+    metrics); only rank 0 writes files and tracks.
+    """
     resume_step = check_run_dir(run_dir, cfg.trainer.resume)
+    raw = read_task(cfg.task)
+    model, tokenizer = load_model(cfg.model)
+    data = load_task_data(cfg, tokenizer, raw)
     dist = init_distributed()
-    torch.manual_seed(cfg.seed)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))
-        write_json_atomic(run_dir / "provenance.json", provenance(cfg.seed))
-    model, tokenizer = load_model(cfg.model)
-    data = load_task_data(cfg, tokenizer)
+        record_provenance(run_dir, cfg.seed, resume_step)
+    torch.manual_seed(cfg.seed)
     convert_model(model, resolved)
     model.to(dist.device)
     log.info("%s", resolved.describe())
-    before = evaluate(model, tokenizer, data, cfg) if cfg.trainer.eval_before and resume_step is None else None
     tracker = start_tracker(cfg.logger, run_dir, run_dir.name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main)
-    if before is not None:
-        tracker.log({f"eval_before/{k}": v for k, v in before.items() if isinstance(v, float)}, step=0)
+    before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
     result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
     after = evaluate(model, tokenizer, data, cfg)
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
@@ -105,6 +130,22 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     tracker.summary(metrics)
     tracker.finish()
     return metrics
+
+
+def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None,
+                    dist: Dist, tracker) -> dict | None:
+    """The evaluation before training (``trainer.eval_before``), kept in ``eval_before.json`` so a
+    resumed run reports the same numbers as an uninterrupted one without recomputing them."""
+    if not cfg.trainer.eval_before:
+        return None
+    saved = read_json(run_dir / EVAL_BEFORE) if resume_step is not None else None
+    if saved is not None:
+        return saved
+    before = evaluate(model, tokenizer, data, cfg)
+    if dist.is_main:
+        write_json_atomic(run_dir / EVAL_BEFORE, before)
+    tracker.log({f"eval_before/{k}": v for k, v in before.items() if isinstance(v, float)}, step=0)
+    return before
 
 
 def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before, after, result) -> dict:
@@ -119,6 +160,8 @@ def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before,
             "tokens_per_s": result.tokens_per_s,
             "final_loss": result.final_loss,
             "final_lm_loss": result.final_lm_loss,
+            "losses": result.losses,
+            "routing": result.routing(),
             "resumed_from": result.resumed_from,
         }
     return {

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from .cli_checks import CONF_DIR, check_group_choices
 from .config import to_run_config
 from .errors import ConfigError, DataError
+from .run_dir import refuse_finished
+from .training.distributed import launcher_rank, worker_overrides
 from .training.loop import TrainingDiverged, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,11 @@ def _main(cfg: DictConfig) -> None:
         fail(str(err), EXIT_DIVERGED)
     except TrainingInterrupted as err:
         fail(str(err), EXIT_INTERRUPTED)
-    print(summary(metrics, run_dir), flush=True)
+    except KeyboardInterrupt:
+        fail(f"interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, if any; "
+             "rerun the same command with trainer.resume=auto", EXIT_INTERRUPTED)
+    if launcher_rank() == 0:
+        print(summary(metrics, run_dir), flush=True)
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
@@ -76,8 +82,10 @@ def summary(metrics: dict, run_dir: Path) -> str:
 def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        refuse_finished(sys.argv[1:])
     except ConfigError as err:
         fail(str(err), EXIT_CONFIG)
+    sys.argv += worker_overrides()
     _main()
 
 
