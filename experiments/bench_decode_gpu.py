@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-methods", nargs="+", choices=E2E_METHODS, default=E2E_METHODS)
     p.add_argument("--new-tokens", type=int, default=32, help="e2e: tokens generated per run (>= 3)")
     p.add_argument("--gqa-kv-heads", type=int, default=4, help="e2e: KV heads of the GQA variant")
+    p.add_argument("--e2e-layers", type=int, default=None, help="e2e: decoder layers (default: --layers)")
+    p.add_argument("--vocab", type=int, default=128256, help="e2e: vocabulary size")
+    p.add_argument("--intermediate", type=int, default=8192, help="e2e: MLP width")
     p.add_argument(
         "--cpu-smoke",
         action="store_true",
@@ -91,10 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             ("--new-tokens", "new_tokens", 4),
             ("--gqa-kv-heads", "gqa_kv_heads", 2),
             ("--e2e-contexts", "e2e_contexts", [16, 40]),
+            ("--e2e-layers", "e2e_layers", 2),
+            ("--vocab", "vocab", 256),
+            ("--intermediate", "intermediate", 256),
         ]:
             if flag not in given:
                 setattr(args, attr, val)
     args.e2e_batches = args.e2e_batches or args.batches
+    args.e2e_layers = args.e2e_layers or args.layers
     args.e2e_contexts = args.e2e_contexts or args.contexts
     if args.new_tokens < 3:
         p.error("--new-tokens must be >= 3 (step 1 is excluded from the decode timing)")
@@ -393,6 +400,209 @@ def markdown(meta, rows, ratios, checks) -> str:
         "",
     ]
     return "\n".join(out)
+
+# ----------------------------------------------------------------------------------------------
+# End to end: generate() on a Llama-3.2-1B-shaped model
+# ----------------------------------------------------------------------------------------------
+
+
+def e2e_model_config(args):
+    """Llama-3.2-1B's shape (H_q=32, H_kv=8, d=64, 16 layers, hidden 2048, MLP 8192, vocab 128256,
+    tied embeddings) from the benchmark's shape flags; random weights, nothing downloaded."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.q_heads * args.head_dim,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.e2e_layers,
+        num_attention_heads=args.q_heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(args.e2e_contexts) + args.new_tokens + 16,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def e2e_attention_config(method: str, args):
+    from mixsga_train.attention import AttentionConfig
+
+    kind, _, kernel = method.partition("_")
+    if kind == "gqa":
+        return AttentionConfig(method="gqa", kv_heads=args.gqa_kv_heads, decode_kernel=kernel)
+    return AttentionConfig(method="mixsga", expert_kv_heads=list(args.expert_kv_heads), ratio=args.ratio,
+                           decode_kernel=kernel)
+
+
+def build_e2e_model(method: str, args, device, dtype, torch):
+    """The same random base weights (seeded) for every method; routers seeded too."""
+    from transformers import AutoModelForCausalLM
+
+    from mixsga_train.attention import convert_model
+
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(e2e_model_config(args), dtype=dtype)
+    if method != "unconverted":
+        torch.manual_seed(args.seed + 1)
+        convert_model(model, e2e_attention_config(method, args))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def e2e_generate(model, ids, new_tokens: int, torch) -> dict:
+    """Greedy generate(); per-step timestamps from a logits processor (called once per step)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            sync()
+            self.times.append(time.perf_counter())
+            return scores
+
+    clock = StepClock()
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                             return_dict_in_generate=True, pad_token_id=0)
+    sync()
+    t = clock.times
+    step = (t[-1] - t[1]) / (len(t) - 2)  # steps 2..N: step 1 may include JIT compilation
+    cache = out.cache
+    from mixsga_train.attention.cache import dynamic_cache_bytes_per_token
+
+    per_token = cache.kv_bytes_per_token() if hasattr(cache, "kv_bytes_per_token") else dynamic_cache_bytes_per_token(cache)
+    return dict(prefill_s=t[0] - start, step_ms=step * 1e3, tokens_per_s=ids.shape[0] / step,
+                kv_bytes_per_token=per_token, new=out.sequences[:, ids.shape[1]:].cpu())
+
+
+def run_e2e_bench(args, torch) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)  # show decode-kernel fallback warnings, if any
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device_name = "cpu (smoke, TRITON_INTERPRET=1)" if args.cpu_smoke else torch.cuda.get_device_name()
+    meta = dict(
+        device=device_name, cpu_smoke=args.cpu_smoke, torch=torch.__version__, triton=__import__("triton").__version__,
+        dtype=args.dtype, model=f"random Llama: hidden {args.q_heads * args.head_dim}, {args.e2e_layers} layers, "
+        f"H_q={args.q_heads}, H_kv={args.kv_heads}, d={args.head_dim}, MLP {args.intermediate}, vocab {args.vocab}",
+        mixsga=f"{args.ratio} over KV heads {args.expert_kv_heads}", gqa_kv_heads=args.gqa_kv_heads,
+        new_tokens=args.new_tokens,
+        timing="generate() wall clock; decode step = mean of steps 2..N between CUDA-synced logits-processor "
+        "timestamps; tokens/s = batch / step",
+    )
+    print(f"\ne2e generate(): {device_name}; {meta['model']}; {args.dtype}; {args.new_tokens} new tokens")
+    rows, tokens = [], {}
+    stem = "decode_e2e_cpu_smoke" if args.cpu_smoke else "decode_e2e"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for method in args.e2e_methods:
+        model = build_e2e_model(method, args, device, dtype, torch)
+        impl = model.config._attn_implementation
+        warm = torch.randint(1, args.vocab, (1, 16), device=device)
+        e2e_generate(model, warm, 3, torch)  # cuBLAS / Triton warm-up
+        for B in args.e2e_batches:
+            for T in args.e2e_contexts:
+                g = torch.Generator().manual_seed(args.seed + 1000 * B + T)
+                ids = torch.randint(1, args.vocab, (B, T), generator=g).to(device)
+                row = dict(method=method, attn_implementation=impl, batch=B, context=T)
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    res = e2e_generate(model, ids, args.new_tokens, torch)
+                    tokens[(method, B, T)] = res.pop("new")
+                    row.update(res)
+                    if device.type == "cuda":
+                        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    ref = tokens.get((method.split("_")[0] + "_torch", B, T))
+                    if method.endswith("_triton") and ref is not None:
+                        row["tokens_equal_torch_path"] = (tokens[(method, B, T)] == ref).float().mean().item()
+                    print(f"B={B:3d} T={T:5d} {method:14s} prefill {row['prefill_s']:7.3f} s  step "
+                          f"{row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
+                          f"KV {row['kv_bytes_per_token']:.0f} B/token", flush=True)
+                except torch.OutOfMemoryError as exc:
+                    row["error"] = f"OOM: {str(exc)[:120]}"
+                    print(f"B={B:3d} T={T:5d} {method:14s} OOM", flush=True)
+                rows.append(row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                write_e2e(args.out_dir, stem, meta, rows)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nwrote {args.out_dir / (stem + '.md')} and .json")
+
+
+def e2e_ratios(rows) -> list[dict]:
+    """tokens/s of mixsga_triton over each other method, per shape (> 1 = mixsga_triton faster)."""
+    key = {(r["method"], r["batch"], r["context"]): r.get("tokens_per_s") for r in rows}
+    shapes = sorted({(r["batch"], r["context"]) for r in rows})
+    out = []
+    for B, T in shapes:
+        mine = key.get(("mixsga_triton", B, T))
+        entry = dict(batch=B, context=T)
+        for other in E2E_METHODS[:-1]:
+            theirs = key.get((other, B, T))
+            entry[other] = mine / theirs if mine and theirs else None
+        out.append(entry)
+    return out
+
+
+def write_e2e(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> None:
+    ratios = e2e_ratios(rows)
+    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=ratios), indent=2) + "\n")
+
+    def f(x, spec):
+        return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+    lines = [
+        f"# End-to-end generate() decode benchmark ({meta['device']})",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; {meta['model']}; mixSGA {meta['mixsga']}; "
+        f"GQA {meta['gqa_kv_heads']} KV heads; {meta['new_tokens']} new tokens. Timing: {meta['timing']}.",
+        "",
+        "| batch | context | method | attention impl | prefill (s) | decode step (ms) | decode tokens/s | KV bytes/token | peak GiB | tokens = torch path |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | {r['error']} |||||")
+            continue
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | {f(r['prefill_s'], '.3f')} | "
+            f"{f(r['step_ms'], '.2f')} | {f(r['tokens_per_s'], '.1f')} | {f(r['kv_bytes_per_token'], '.0f')} | "
+            f"{f(r.get('peak_mem_gib'), '.2f')} | {f(r.get('tokens_equal_torch_path'), '.2f')} |"
+        )
+    lines += [
+        "",
+        "## mixsga_triton decode tokens/s relative to each method (> 1 = mixsga_triton faster)",
+        "",
+        "| batch | context | " + " | ".join(f"vs {m}" for m in E2E_METHODS[:-1]) + " |",
+        "|---:|---:|" + "---:|" * (len(E2E_METHODS) - 1),
+    ]
+    for e in ratios:
+        lines.append(f"| {e['batch']} | {e['context']} | " + " | ".join(f(e[m], ".2f") for m in E2E_METHODS[:-1]) + " |")
+    lines += [
+        "",
+        "`tokens = torch path`: fraction of generated tokens equal to the same model with "
+        "`decode_kernel: torch` (bf16 rounding differs between the paths, so greedy decoding of a random model "
+        "may drift; fp32 gives 1.00).",
+        "",
+    ]
+    (out_dir / f"{stem}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
