@@ -211,3 +211,20 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
     assert gguf.default_cache_dir() == tmp_path / "smollm2-135m"
     monkeypatch.delenv("MIXSGA_CACHE")
     assert gguf.default_cache_dir() == Path.home() / ".cache" / "mixsga_train" / "smollm2-135m"
+
+
+def test_smollm2_converted_to_mixsga_1_0_matches_and_answers_the_same(smollm2):
+    import copy
+
+    from mixsga_train.attention import AttentionConfig, convert_model
+
+    model, tokenizer = smollm2["model"], smollm2["tokenizer"]
+    converted = copy.deepcopy(model)
+    resolved = convert_model(converted, AttentionConfig(method="mixsga", expert_kv_heads=[3, 1], ratio="1:0"))
+    assert resolved.kv_budget == 1.0
+    assert torch.allclose(_logits(converted, tokenizer), _logits(model, tokenizer), atol=1e-5, rtol=0)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        a = model.generate(**ids, max_new_tokens=6, do_sample=False)
+        b = converted.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b) and tokenizer.decode(a[0, ids.input_ids.shape[1]:]).strip().startswith("Paris")
