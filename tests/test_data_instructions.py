@@ -5,8 +5,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from mixsga_train.data.config import TaskConfig
 from mixsga_train.data.instructions import (
@@ -26,21 +24,11 @@ from mixsga_train.data.instructions import (
     split_records,
 )
 from mixsga_train.errors import ConfigError, DataError
+from tiny import byte_bpe_tokenizer
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 DOLLY = DATA / "dolly" / "dolly_head.jsonl"
 SEED_TASKS = DATA / "selfinst_seed" / "seed_tasks.jsonl"
-
-
-def byte_bpe_tokenizer(sample: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A tiny byte-level BPE (lossless decode) trained on ``sample`` in milliseconds, with <eos>/<pad>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator([sample], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from mixsga_train.data import text as text_mod
 from mixsga_train.data.config import TaskConfig
@@ -17,20 +15,10 @@ from mixsga_train.data.text import (
     tokenize_corpus,
 )
 from mixsga_train.errors import ConfigError, DataError
+from tiny import byte_bpe_tokenizer
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 WIKI = DATA / "wikitext-2"
-
-
-def byte_bpe_tokenizer(sample: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A tiny byte-level BPE (lossless decode) trained on ``sample`` in milliseconds, with <eos>/<pad>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator([sample], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")

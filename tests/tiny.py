@@ -33,3 +33,17 @@ def tiny_model(family: str, kv_heads: int = 4, layers: int = 3, seed: int = 0, h
     else:
         raise ValueError(family)
     return model.eval()
+
+
+def byte_bpe_tokenizer(sample: str, vocab_size: int = 512):
+    """A tiny byte-level BPE (lossless decode) trained on ``sample`` in milliseconds, with <eos>/<pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([sample], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
