@@ -185,7 +185,7 @@ def train(
     result = _resume(engine, root, resume_step, dist) if resume_step is not None else TrainResult()
     engine.train()
     bar = tqdm(total=steps, initial=result.steps, desc="train", disable=not dist.is_main, dynamic_ncols=True)
-    with _StopSignal() as stop, _RoutingTally(model) as tally:
+    with bar, _StopSignal() as stop, _RoutingTally(model) as tally:
         while result.steps < steps:
             started = time.perf_counter()
             loss, lm_loss, tokens = _optimizer_step(engine, dataset, collate, cfg, dist, seed, result.steps, root)
@@ -202,7 +202,6 @@ def train(
                     f"interrupted at step {step}; checkpoint saved in {root / checkpoints.tag(step)}; "
                     "rerun the same command with trainer.resume=auto to continue"
                 )
-    bar.close()
     model.eval()
     return result
 
@@ -264,9 +263,9 @@ def _log_step(result: TrainResult, engine, bar, tracker: Tracker) -> None:
 
 def _diverged_message(step: int, loss: float, root: Path) -> str:
     last = checkpoints.latest_complete(root)
-    kept = f"kept the last good checkpoint {root / checkpoints.tag(last)}" if last is not None else "no checkpoint was saved yet"
+    kept = f"the last checkpoint is kept: {root / checkpoints.tag(last)}" if last is not None else "no checkpoint was saved yet"
     return (f"loss became {loss} at step {step}; training stopped before applying it; {kept}; "
-            "lower trainer.lr (or raise trainer.warmup_ratio) and start a new run dir or resume with trainer.resume=auto")
+            "lower trainer.lr (or raise trainer.warmup_ratio) and rerun in a new run dir")
 
 
 def _rng_state() -> dict:
