@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         results = evaluate(model, tokenizer, load_task_data(run_cfg, tokenizer), run_cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     out = args.run_dir / f"{args.name}.json"

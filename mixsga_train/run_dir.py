@@ -46,10 +46,19 @@ def _refuse_finished(run_dir: Path) -> None:
 def check_run_dir(run_dir: Path, resume: str) -> int | None:
     """Refuse to overwrite a finished run; return the checkpoint step to resume from (or None)."""
     _refuse_finished(run_dir)
-    latest = checkpoints.latest_complete(checkpoints.checkpoint_root(run_dir))
-    if latest is not None and resume != "auto":
+    root = checkpoints.checkpoint_root(run_dir)
+    latest = checkpoints.latest_complete(root)
+    if latest is None:
+        return None
+    if resume != "auto":
         raise ConfigError(
             "trainer.resume", f"{run_dir} has a checkpoint at step {latest}; pass trainer.resume=auto to continue it, or use another run dir"
+        )
+    writers, world_size = checkpoints.written_by(root, latest), int(os.environ.get("WORLD_SIZE", "1"))
+    if writers != world_size:
+        raise ConfigError(
+            "trainer.resume",
+            f"{root / checkpoints.tag(latest)} was written by {writers} processes, not {world_size}; resume with {writers} processes",
         )
     return latest
 

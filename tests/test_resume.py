@@ -92,13 +92,17 @@ def test_a_finished_run_dir_is_refused_before_anything_is_written(monkeypatch, c
     assert snapshot(run_dir) == before  # not even Hydra's .hydra/ or the log changed
 
 
-def test_a_checkpointed_run_dir_needs_resume_auto(tmp_path):
+def test_a_checkpointed_run_dir_needs_resume_auto_and_the_same_process_count(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     root = checkpoints.checkpoint_root(tmp_path)
     (root / checkpoints.tag(8)).mkdir(parents=True)
     checkpoints.mark_complete(root, 8)
     with pytest.raises(ConfigError, match=r"trainer.resume: .* has a checkpoint at step 8; pass trainer.resume=auto"):
         check_run_dir(tmp_path, "never")
     assert check_run_dir(tmp_path, "auto") == 8
+    checkpoints.mark_complete(root, 8, world_size=2)
+    with pytest.raises(ConfigError, match=r"step00000008 was written by 2 processes, not 1; resume with 2 processes"):
+        check_run_dir(tmp_path, "auto")
 
 
 def test_only_checkpoints_with_a_marker_count(tmp_path):

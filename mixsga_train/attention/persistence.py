@@ -40,6 +40,13 @@ def load_converted(path: str | Path, dtype: torch.dtype | None = None):
         state.update(load_file(shard))
     if not state:
         raise FileNotFoundError(f"{path}: no *.safetensors weights found; save the model with save_pretrained")
+    expected = model.state_dict()
+    reshaped = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if reshaped:
+        raise ValueError(
+            f"{path}: weights do not match a {resolved.describe()} model "
+            f"(other shapes: {reshaped[:3]}); was it saved from another method or budget?"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]

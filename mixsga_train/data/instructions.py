@@ -122,7 +122,7 @@ def load_instruction_jsonl(path: str | Path) -> list[InstructionRecord]:
                 ) from None
             records.extend(records_from_json(raw, f"{path}:{lineno}"))
     if not records:
-        raise DataError(f"{path}: no records; the file is empty")
+        raise DataError(f"{path}: no records (the file is empty); write one JSON object per line")
     return records
 
 

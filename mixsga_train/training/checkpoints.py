@@ -24,12 +24,18 @@ def tag(step: int) -> str:
     return f"step{step:08d}"
 
 
-def mark_complete(root: Path, step: int) -> None:
-    """Atomically mark ``step``'s checkpoint as complete (rank 0, after a barrier)."""
+def mark_complete(root: Path, step: int, world_size: int = 1) -> None:
+    """Atomically mark ``step``'s checkpoint, written by ``world_size`` ranks, as complete (rank 0,
+    after a barrier)."""
     target = root / tag(step) / MARKER
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step}))
+    tmp.write_text(json.dumps({"step": step, "world_size": world_size}))
     os.replace(tmp, target)
+
+
+def written_by(root: Path, step: int) -> int:
+    """How many ranks wrote complete checkpoint ``step`` (their ZeRO shards must be loaded by as many)."""
+    return json.loads((root / tag(step) / MARKER).read_text()).get("world_size", 1)
 
 
 def discard_incomplete(root: Path, step: int) -> None:

@@ -73,11 +73,6 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (so all ranks take the same branch)."""
-    return all_sum([float(flag)], device)[0] > 0
-
-
 def all_gather_object(obj) -> list:
     """``obj`` of every rank, in rank order."""
     if not _multi():

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from ..attention import RoutingStats, routing_context
 from ..config import TrainerConfig
-from ..errors import ConfigError
 from ..tracking import Tracker
 from . import checkpoints
 from .distributed import Dist, all_gather_object, all_sum, barrier
@@ -285,12 +284,6 @@ def _resume(engine, root: Path, step: int, dist: Dist) -> TrainResult:
     """Load checkpoint ``step`` into ``engine`` (weights, optimizer, scheduler) and restore this
     rank's RNG; returns the result recorded up to that step."""
     _, client = engine.load_checkpoint(str(root), tag=checkpoints.tag(step))
-    if len(client["rng"]) != dist.world_size:
-        raise ConfigError(
-            "trainer.resume",
-            f"{root / checkpoints.tag(step)} was written by {len(client['rng'])} processes, not {dist.world_size}; "
-            "resume with the same number of processes",
-        )
     _set_rng_state(client["rng"][dist.rank])
     result = TrainResult(**client["result"])
     result.resumed_from = client["step"]
@@ -309,6 +302,6 @@ def save(engine, root: Path, step: int, result: TrainResult, dist: Dist, keep: i
     engine.save_checkpoint(str(root), tag=checkpoints.tag(step), client_state=client, save_latest=False)
     barrier()
     if dist.is_main:
-        checkpoints.mark_complete(root, step)
+        checkpoints.mark_complete(root, step, dist.world_size)
         checkpoints.prune(root, keep)
     barrier()
