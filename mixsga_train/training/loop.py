@@ -214,7 +214,7 @@ def _optimizer_step(engine, dataset, collate, cfg: TrainerConfig, dist: Dist, se
     for micro in range(cfg.grad_accum):
         indices = micro_batch_indices(step, micro, cfg, len(dataset), dist, seed)
         batch = {k: v.to(dist.device) for k, v in collate([dataset[i] for i in indices]).items()}
-        loss = engine(**batch).loss
+        loss = engine(**batch, use_cache=False).loss
         n_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         value = loss.item()
         total, lm_total, n_total = all_sum([value, value - _aux_term(engine.module), n_tokens], dist.device)
