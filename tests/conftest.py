@@ -20,3 +20,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"test data missing: {SHARED_DATA} (the repository's sibling shared/data)")
     return SHARED_DATA
+
+# rouge-score imports absl, whose log handler keeps whatever sys.stderr is at import time (under
+# pytest: a capture stream). Hydra's in-process runs call logging.config.dictConfig, which closes
+# every handler ever created, and absl's close() then closes pytest's capture stream. Give absl a
+# stream of its own.
+import absl.logging  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = open(os.devnull, "w")
