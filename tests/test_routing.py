@@ -59,3 +59,14 @@ def test_aux_loss_is_bce_against_one_hot_over_real_tokens():
     target = torch.nn.functional.one_hot(ids, 3).float()
     manual = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], target[mask])
     assert torch.allclose(loss, manual)
+
+
+def test_argmax_decode_routing_skips_experts_the_ratio_gives_no_tokens():
+    from mixsga_train.attention.routing import RoutingContext, TokenRouter
+
+    router = TokenRouter(8, [1.0, 0.0, 0.0], 0, RoutingContext(mode="argmax"))
+    torch.nn.init.normal_(router.proj.bias, std=10.0)
+    with torch.no_grad():
+        router.proj.bias.copy_(torch.tensor([-10.0, 10.0, 10.0]))  # raw argmax would never pick expert 0
+        gates = router.route(torch.randn(2, 5, 8))
+    assert (router.last_ids == 0).all() and torch.equal(gates, torch.nn.functional.one_hot(router.last_ids, 3).float())

@@ -31,22 +31,29 @@ class MixedHeadProjection(nn.Linear):
         self.bias = linear.bias
         self.head_dim = head_dim
         self.native_kv_heads = groupings[0].native_kv_heads
-        # [E * H_kv, H_kv]: all experts' mixing matrices stacked, applied in one matmul
-        self.register_buffer("mixing", torch.cat([g.mixing for g in groupings]), persistent=False)
+        self.num_experts = len(groupings)
+        for e, g in enumerate(groupings):  # head -> group index, and 1/|group| per group
+            self.register_buffer(f"expand_index_{e}", g.expand_index, persistent=False)
+            self.register_buffer(f"inv_group_size_{e}", 1.0 / torch.tensor([len(h) for h in g.groups], dtype=torch.float32), persistent=False)
         object.__setattr__(self, "router", router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        gates = self.router.route(x)  # [B, L, E]
-        batch, length, _ = y.shape
-        heads = y.view(batch, length, self.native_kv_heads, self.head_dim)
-        per_expert = torch.einsum("eh,blhd->bled", self.mixing.to(y.dtype), heads)
-        per_expert = per_expert.view(batch, length, gates.shape[-1], self.native_kv_heads, self.head_dim)
-        mixed = torch.einsum("ble,blehd->blhd", gates.to(y.dtype), per_expert)
-        return mixed.reshape(batch, length, -1)
+        gates = self.router.route(x).to(y.dtype)  # [B, L, E]
+        heads = y.view(*y.shape[:-1], self.native_kv_heads, self.head_dim)
+        mixed = sum(gates[..., e, None, None] * self.group_means(heads, e) for e in range(self.num_experts))
+        return mixed.flatten(-2)
+
+    def group_means(self, heads: torch.Tensor, expert: int) -> torch.Tensor:
+        """[B, L, H_kv, d_h] -> every head replaced by its group's mean under ``expert`` (eqs. 7-8).
+        Sums by index_add, so a group of one head is returned bit-exactly."""
+        index = getattr(self, f"expand_index_{expert}")
+        scale = getattr(self, f"inv_group_size_{expert}").to(heads.dtype)
+        sums = heads.new_zeros(*heads.shape[:-2], scale.shape[0], heads.shape[-1]).index_add_(-2, index, heads)
+        return (sums * scale[:, None]).index_select(-2, index)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, experts={self.mixing.shape[0] // self.native_kv_heads}"
+        return f"{super().extra_repr()}, experts={self.num_experts}"
 
 
 class PooledHeadProjection(nn.Linear):

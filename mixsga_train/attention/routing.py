@@ -109,7 +109,8 @@ class TokenRouter(nn.Module):
 
     ``route(x)`` returns gates [B, L, E]: the hard one-hot assignment (eq. 2 or eq. 3); with
     ``straight_through`` the selected entry carries ``1 + s - stopgrad(s)`` so the LM loss reaches
-    the router while the forward stays identical to inference. It remembers its last logits and
+    the router while the forward stays identical to inference. Argmax decode routing skips
+    experts whose capacity share is 0. It remembers its last logits and
     ids for the aux loss (``aux_loss()``) and for the cache (``last_ids``).
     """
 
@@ -129,6 +130,8 @@ class TokenRouter(nn.Module):
         self.capacity = list(capacity)
         self.layer_idx = layer_idx
         self.straight_through = router_grad == "straight_through"
+        # argmax never picks an expert the ratio gives no tokens (so 1:0:0 decodes like the original)
+        self._no_capacity = torch.tensor([c == 0 for c in capacity])
         self.random = random
         if random:
             self.requires_grad_(False)
@@ -159,7 +162,7 @@ class TokenRouter(nn.Module):
         gates = F.one_hot(ids, self.num_experts).to(logits.dtype)
         if self.straight_through and not self.random and torch.is_grad_enabled():
             s = torch.sigmoid(logits)
-            gates = gates * (1 + s - s.detach())
+            gates = gates + gates * (s - s.detach())  # value exactly one-hot, gradient d(gate)/ds = 1
         self._last_input, self._last_gates = x, gates
         self.last_logits, self.last_ids, self.last_mask, self.last_topk = logits, ids, mask, mode == "topk"
         if ctx.stats is not None:
@@ -178,7 +181,11 @@ class TokenRouter(nn.Module):
             return torch.multinomial(probs, 1, generator=gen).view(logits.shape[:2]).to(logits.device)
         if mode == "topk":
             return progressive_topk(torch.sigmoid(logits), self.capacity, mask)
-        return logits.argmax(dim=-1)
+        return self.argmax(logits)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Decode routing (eq. 3) over the experts that the ratio gives tokens: [B, L, E] -> [B, L]."""
+        return logits.masked_fill(self._no_capacity.to(logits.device), -math.inf).argmax(dim=-1)
 
     @torch.no_grad()
     def _record(self, stats: RoutingStats, logits, ids, mask, mode):
@@ -188,7 +195,7 @@ class TokenRouter(nn.Module):
         else:
             stats.prefill += counts
         if mode == "topk":
-            agree = logits.argmax(-1) == ids
+            agree = self.argmax(logits) == ids
             agree = agree if mask is None else agree[mask]
             stats.agree += int(agree.sum())
             stats.compared += agree.numel()

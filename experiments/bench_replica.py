@@ -1,0 +1,106 @@
+"""`make bench-replica`: the paper's exact three-expert setting, small enough for a CPU.
+
+1. Pretrain a small MHA Llama from scratch (conf/model/tiny_llama_mha8.yaml: 4 layers x 256,
+   8 query / 8 KV heads, byte-level tokenizer) on the offline Shakespeare corpus with attention=mha.
+   The pipeline saves the final weights to <run_dir>/model.
+2. Load them back (model.source=local model.path=<run_dir>/model) and continue training, same seed,
+   data order and token budget, as: the unconverted model (reference), mixSGA 3:1:6 over KV heads
+   [8, 4, 2] (group sizes 1, 2, 4; 50% KV), GQA with 4 KV heads (50%), CLA at 50%, and the ablations
+   mixSGA without the consistency loss (alpha=0; paper Table 6) and with a random router.
+   The 50% mixSGA / GQA / CLA points run with every seed in --seeds.
+3. Report (experiments/report.py) into experiments/results/bench_replica/.
+
+    .venv/bin/python experiments/bench_replica.py [--pretrain-steps 600] [--steps 150] [--seeds 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIX = ["attention=mixsga", "attention.expert_kv_heads=[8,4,2]", "attention.ratio=[3,1,6]"]
+# (name, overrides, run with every seed?)
+METHODS = [
+    ("mha", ["attention=mha"], False),
+    ("mixsga_50_3-1-6", MIX, True),
+    ("gqa_4kv_50", ["attention=gqa", "attention.budget=0.5"], True),
+    ("cla_50", ["attention=cla", "attention.budget=0.5"], True),
+    ("mixsga_50_3-1-6_noaux", MIX + ["attention.alpha=0"], False),
+    ("mixsga_50_3-1-6_random", MIX + ["attention.router=random"], False),
+]
+
+
+def run(name: str, cmd: list[str], run_dir: Path, env: dict) -> None:
+    if (run_dir / "metrics.json").is_file():
+        print(f"[skip] {name}: metrics.json exists", flush=True)
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    started = time.time()
+    print(f"[run] {name} ...", flush=True)
+    with open(run_dir.parent / f"{name}.log", "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    print(f"[done] {name} rc={rc} in {time.time() - started:.0f} s", flush=True)
+    if rc != 0:
+        raise SystemExit(f"{name} failed (rc={rc}); see {run_dir.parent / (name + '.log')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/bench_replica")
+    p.add_argument("--results", default="experiments/results/bench_replica")
+    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=160, help="a multiple of 10, so 3:1:6 top-k shares are exact")
+    p.add_argument("--eval-tokens", type=int, default=16000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args()
+    out = ROOT / args.out
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    py = [sys.executable, "-m", "mixsga_train.train"]
+    base = ["task=shakespeare", f"task.seq_len={args.seq_len}", f"task.max_eval_tokens={args.eval_tokens}",
+            "precision=fp32", "zero=stage0", "logger=none", "experiment_name=bench_replica",
+            f"trainer.micro_batch_size={args.batch}", "trainer.eval_batch_size=32", "trainer.log_every=25"]
+    pre_dir = out / "pretrain_mha"
+    pretrain = py + base + ["model=tiny_llama_mha8", "attention=mha", f"trainer.max_steps={args.pretrain_steps}",
+                            f"trainer.lr={args.pretrain_lr}", "trainer.warmup_ratio=0.05", "trainer.min_lr_ratio=0.1",
+                            "trainer.eval_before=false", "seed=0", f"hydra.run.dir={pre_dir}"]
+    local = ["model=tiny_llama_mha8", "model.source=local", f"model.path={pre_dir / 'model'}",
+             "model.name=tiny-llama-mha8-pretrained"]
+    runs = []
+    for i, seed in enumerate(args.seeds):
+        for name, over, every_seed in METHODS:
+            if i == 0 or every_seed:
+                tag = f"{name}_s{seed}"
+                runs.append((tag, py + base + local + over + [f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}",
+                                                              "trainer.warmup_ratio=0.05", f"seed={seed}",
+                                                              f"hydra.run.dir={out / 'continued' / tag}"]))
+    commands = [" ".join(pretrain)] + [" ".join(c) for _, c in runs]
+    if args.dry_run:
+        print("\n".join(commands))
+        return
+    run("pretrain_mha", pretrain, pre_dir, env)
+    for tag, cmd in runs:
+        run(tag, cmd, out / "continued" / tag, env)
+    results = ROOT / args.results
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "commands.txt").write_text("\n".join(commands) + "\n")
+    subprocess.check_call([sys.executable, "experiments/report.py", str(out / "continued"), "--out", str(results),
+                           "--title", "bench-replica: 8-KV-head MHA Llama (pretrained here), mixSGA 3:1:6 [8,4,2]"],
+                          cwd=ROOT, env=env)
+
+
+if __name__ == "__main__":
+    main()
