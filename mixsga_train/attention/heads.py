@@ -55,11 +55,6 @@ class HeadGrouping:
         holds the group mean, so reading these heads recovers the pooled K/V exactly."""
         return torch.tensor([heads[0] for heads in self.groups], dtype=torch.long)
 
-    @cached_property
-    def mixing(self) -> torch.Tensor:
-        """[H_kv, H_kv] = expand @ pool: replaces every head by its group mean (eqs. 7-8 in one step)."""
-        return self.pool[self.expand_index]
-
 
 def pool_head_weights(weight: torch.Tensor, bias: torch.Tensor | None, grouping: HeadGrouping, head_dim: int):
     """Mean-pool a K/V projection's per-head rows into ``grouping.kv_heads`` heads (GQA-style init).
