@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MIX = ["attention=mixsga", "attention.expert_kv_heads=[3,1]"]
 # (name, overrides, also run with the extra seeds?)
-METHODS = [  # in priority order: the budget-matched comparisons first, the reference last
-    ("gqa_1kv_33", ["attention=gqa", "attention.budget=null", "attention.kv_heads=1"], False),
+METHODS = [  # priority order: budget-matched pairs first (50%: CLA vs mixSGA; 67%: GQA vs mixSGA)
     ("cla_50", ["attention=cla", "attention.budget=0.5"], True),
     ("mixsga_50_1-3", MIX + ["attention.ratio=[1,3]"], True),
     ("gqa_2kv_67", ["attention=gqa", "attention.budget=null", "attention.kv_heads=2"], False),
     ("mixsga_67_1-1", MIX + ["attention.ratio=[1,1]"], False),
+    ("gqa_1kv_33", ["attention=gqa", "attention.budget=null", "attention.kv_heads=1"], False),
     ("mixsga_83_3-1", MIX + ["attention.ratio=[3,1]"], False),
     ("cla_33", ["attention=cla", "attention.budget=0.3333333333"], False),
     ("mha", ["attention=mha"], False),
@@ -67,9 +67,10 @@ def common(args) -> list[str]:
 
 def plan(args) -> list[tuple[str, list[str]]]:
     methods = METHODS + ([DEGENERATE] if args.with_degenerate else [])
-    # the seed-repeated (budget-matched 50%) points first, seed by seed, then the rest in METHODS order
-    runs = [(f"{name}_s{seed}", over + [f"seed={seed}"]) for seed in args.seeds for name, over, extra in methods if extra]
-    runs += [(f"{name}_s{args.seeds[0]}", over + [f"seed={args.seeds[0]}"]) for name, over, extra in methods if not extra]
+    # first seed of every method in METHODS order, then the extra seeds of the 50% points
+    runs = [(f"{name}_s{args.seeds[0]}", over + [f"seed={args.seeds[0]}"]) for name, over, _ in methods]
+    extra_seeds = [(f"{name}_s{seed}", over + [f"seed={seed}"]) for seed in args.seeds[1:] for name, over, extra in methods if extra]
+    runs[4:4] = extra_seeds  # right after the two budget-matched pairs, so the 50% seed check runs early
     if args.only:
         runs = [r for r in runs if any(o in r[0] for o in args.only)]
     return runs

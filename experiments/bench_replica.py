@@ -10,7 +10,7 @@
    The 50% mixSGA / GQA / CLA points run with every seed in --seeds.
 3. Report (experiments/report.py) into experiments/results/bench_replica/.
 
-    .venv/bin/python experiments/bench_replica.py [--pretrain-steps 600] [--steps 150] [--seeds 0 1]
+    .venv/bin/python experiments/bench_replica.py [--pretrain-steps 150] [--steps 40] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_replica")
     p.add_argument("--results", default="experiments/results/bench_replica")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--pretrain-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=160, help="a multiple of 10, so 3:1:6 top-k shares are exact")
-    p.add_argument("--eval-tokens", type=int, default=16000)
+    p.add_argument("--eval-tokens", type=int, default=8000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()

@@ -106,15 +106,19 @@ def bench_model(key: str, args) -> dict:
     prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=g) for b in args.decode_batches}
     kv_ids = torch.randint(0, vocab, (1, args.kv_len), generator=g)
     times = {name: {"train_s": [], **{f"decode_b{b}": [] for b in args.decode_batches}} for name in models}
-    for r in range(args.rounds + 1):  # round 0 is warm-up, not counted
+    rounds = args.rounds_smollm2 if key == "smollm2" and args.rounds_smollm2 else args.rounds
+    for name, (model, _) in models.items():  # warm-up, not counted: one step, one short decode per batch size
+        train_step_s(model, train_ids)
+        for b in args.decode_batches:
+            decode_tok_s(model, prompts[b], 4)
+    for r in range(1, rounds + 1):
         for name, (model, _) in models.items():
             t = train_step_s(model, train_ids)
             d = {b: decode_tok_s(model, prompts[b], args.new_tokens) for b in args.decode_batches}
-            if r > 0:
-                times[name]["train_s"].append(t)
-                for b in args.decode_batches:
-                    times[name][f"decode_b{b}"].append(d[b])
-            print(f"  round {r}{' (warm-up)' if r == 0 else ''} {name}: train {t:.3f} s, "
+            times[name]["train_s"].append(t)
+            for b in args.decode_batches:
+                times[name][f"decode_b{b}"].append(d[b])
+            print(f"  round {r} {name}: train {t:.3f} s, "
                   + ", ".join(f"decode b{b} {d[b]:.1f} tok/s" for b in args.decode_batches), flush=True)
     rows = {}
     ref = "mha"
@@ -160,8 +164,8 @@ def markdown(result: dict, args, command: str) -> str:
     lines = ["# bench: training-step and decode speed, measured KV bytes\n",
              f"Command: `{command}`\n",
              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"fp32, shared with other jobs (interleaved rounds: each method sees the same load). {args.rounds} rounds after a "
-             f"warm-up; medians. Training step: forward+backward, batch {args.train_batch}x{args.train_len}. Decode: greedy "
+             f"fp32, shared with other jobs (interleaved rounds: each method sees the same load). {args.rounds} rounds "
+             f"({args.rounds_smollm2} for SmolLM2) after a warm-up; medians. Training step: forward+backward, batch {args.train_batch}x{args.train_len}. Decode: greedy "
              f"generate(), prompt {args.prompt_len}, {args.new_tokens} new tokens, each method's default cache. KV bytes: one "
              f"prefill of {args.kv_len} tokens (and of the {args.prompt_len}-token decode prompt).\n"]
     for key, res in result["models"].items():
@@ -184,7 +188,8 @@ def markdown(result: dict, args, command: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=list(MODELS))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds-smollm2", type=int, default=3, help="rounds for SmolLM2 (its decode rounds are long)")
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=128)
