@@ -6,11 +6,12 @@
 2. Load them back (model.source=local model.path=<run_dir>/model) and continue training, same seed,
    data order and token budget, as: the unconverted model (reference), mixSGA 3:1:6 over KV heads
    [8, 4, 2] (group sizes 1, 2, 4; 50% KV), GQA with 4 KV heads (50%), CLA at 50%, and the ablations
-   mixSGA without the consistency loss (alpha=0; paper Table 6) and with a random router.
+   mixSGA without the consistency loss (alpha=0; paper Table 6), with a random router, and with
+   the router trained by the consistency loss alone (router_grad=aux_only, the literal eq. 9).
    The 50% mixSGA / GQA / CLA points run with every seed in --seeds.
 3. Report (experiments/report.py) into experiments/results/bench_replica/.
 
-    .venv/bin/python experiments/bench_replica.py [--pretrain-steps 150] [--steps 40] [--seeds 0 1]
+    .venv/bin/python experiments/bench_replica.py [--pretrain-steps 600] [--steps 120] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ METHODS = [
     ("cla_50", ["attention=cla", "attention.budget=0.5"], True),
     ("mixsga_50_3-1-6_noaux", MIX + ["attention.alpha=0"], False),
     ("mixsga_50_3-1-6_random", MIX + ["attention.router=random"], False),
+    ("mixsga_50_3-1-6_aux_only", MIX + ["attention.router_grad=aux_only"], False),
 ]
 
 
@@ -57,14 +59,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_replica")
     p.add_argument("--results", default="experiments/results/bench_replica")
-    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=160, help="a multiple of 10, so 3:1:6 top-k shares are exact")
     p.add_argument("--eval-tokens", type=int, default=8000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     out = ROOT / args.out

@@ -54,7 +54,6 @@ MODELS = {
             "gqa 2kv (67%)": AttentionConfig("gqa", kv_heads=2),
             "mixsga [3,1] 1:1 (67%)": AttentionConfig("mixsga", expert_kv_heads=[3, 1], ratio=[1, 1]),
             "cla (50%)": AttentionConfig("cla", budget=0.5),
-            "mixsga [3,1] 1:3 (50%)": AttentionConfig("mixsga", expert_kv_heads=[3, 1], ratio=[1, 3]),
         },
         pairs=[("gqa 2kv (67%)", "mixsga [3,1] 1:1 (67%)")],
     ),

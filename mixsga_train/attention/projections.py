@@ -47,8 +47,10 @@ class MixedHeadProjection(nn.Linear):
     def group_means(self, heads: torch.Tensor, expert: int) -> torch.Tensor:
         """[B, L, H_kv, d_h] -> every head replaced by its group's mean under ``expert`` (eqs. 7-8).
         Sums by index_add, so a group of one head is returned bit-exactly."""
-        index = getattr(self, f"expand_index_{expert}")
         scale = getattr(self, f"inv_group_size_{expert}").to(heads.dtype)
+        if scale.shape[0] == self.native_kv_heads:  # groups of one head: nothing to average
+            return heads
+        index = getattr(self, f"expand_index_{expert}")
         sums = heads.new_zeros(*heads.shape[:-2], scale.shape[0], heads.shape[-1]).index_add_(-2, index, heads)
         return (sums * scale[:, None]).index_select(-2, index)
 
