@@ -46,7 +46,7 @@ def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle(title or "perplexity vs KV budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -68,10 +68,10 @@ def rouge_per_set(aggs: list[dict], path: Path, title: str = "") -> Path | None:
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=f"{a['config']} ({100 * (a['kv_budget'] or 0):.0f}%)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
     ax.set_ylabel("ROUGE-L (F x100)")
-    ax.set_title(title or "ROUGE-L per eval set")
+    ax.set_title(title or "ROUGE-L per eval set", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -104,7 +104,7 @@ def ratio_grid(aggs: list[dict], path: Path, title: str = "") -> Path | None:
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title or "mixSGA expert-ratio grid")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -135,8 +135,8 @@ def expert_fractions(aggs: list[dict], path: Path, title: str = "") -> Path | No
     ax.set_ylabel("share of tokens (all layers)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title or "expert fractions: prefill (top-k) vs decode (argmax)")
+    ax.set_title(title or "expert fractions: prefill (top-k) vs decode (argmax)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
