@@ -9,13 +9,15 @@ from torch import nn
 from .generation import generate_and_score
 from .kv import measure_kv_bytes_per_token
 from .perplexity import evaluate_perplexity, evaluate_response_perplexity
+from .routing_scope import num_experts
 
 
 def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int) -> dict:
     """Token and word perplexity of ``blocks`` [N, L] with top-k routing (the paper's protocol)
-    and with causal argmax routing; KV bytes measured from a one-block prefill."""
+    and with causal argmax routing (the same pass for models without routers); KV bytes measured
+    from a one-block prefill."""
     topk = evaluate_perplexity(model, blocks, batch_size, "topk", words)
-    causal = evaluate_perplexity(model, blocks, batch_size, "argmax", words)
+    causal = evaluate_perplexity(model, blocks, batch_size, "argmax", words) if num_experts(model) else topk
     return {
         "ppl": topk.ppl,
         "ppl_causal_routing": causal.ppl,
@@ -33,7 +35,7 @@ def evaluate_sft(model: nn.Module, tokenizer, test_batches: list[dict], eval_set
     """Response-token perplexity of the test split (both routings) and ROUGE-L of generations
     for every eval set; KV bytes and decode-time expert fractions come from those generations."""
     topk = evaluate_response_perplexity(model, test_batches, "topk")
-    causal = evaluate_response_perplexity(model, test_batches, "argmax")
+    causal = evaluate_response_perplexity(model, test_batches, "argmax") if num_experts(model) else topk
     rouge, kv, prefill, decode, weights = {}, [], [], [], []
     for label, examples in eval_sets.items():
         result = generate_and_score(model, tokenizer, examples, task.max_new_tokens, batch_size, task.max_prompt_len, seed=seed)
