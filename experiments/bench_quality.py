@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from runlib import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,18 +105,7 @@ def main() -> None:
         if args.dry_run:
             print(" ".join(cmd))
             continue
-        if (run_dir / "metrics.json").is_file():
-            print(f"[skip] {name}: metrics.json exists", flush=True)
-            continue
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        started = time.time()
-        print(f"[run] {name} ...", flush=True)
-        with open(run_dir.parent / f"{name}.log", "w") as log:
-            rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        print(f"[done] {name} rc={rc} in {time.time() - started:.0f} s", flush=True)
+        run_training(name, cmd, run_dir, env)
     if args.dry_run or args.no_report:
         return
     results = ROOT / args.results

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from runlib import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = ["attention=mixsga", "attention.expert_kv_heads=[8,4,2]", "attention.ratio=[3,1,6]"]
@@ -39,20 +39,8 @@ METHODS = [
 
 
 def run(name: str, cmd: list[str], run_dir: Path, env: dict) -> None:
-    if (run_dir / "metrics.json").is_file():
-        print(f"[skip] {name}: metrics.json exists", flush=True)
-        return
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    started = time.time()
-    print(f"[run] {name} ...", flush=True)
-    with open(run_dir.parent / f"{name}.log", "w") as log:
-        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    print(f"[done] {name} rc={rc} in {time.time() - started:.0f} s", flush=True)
-    if rc != 0:
-        raise SystemExit(f"{name} failed (rc={rc}); see {run_dir.parent / (name + '.log')}")
+    if run_training(name, cmd, run_dir, env) != 0:
+        raise SystemExit(f"{name} failed; see {run_dir.parent / (name + '.log')}")
 
 
 def main() -> None:
