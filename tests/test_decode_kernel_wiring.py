@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -25,6 +24,7 @@ from mixsga_train.attention import AttentionConfig, convert_model, load_converte
 from mixsga_train.attention.triton_decode import segment_row_index
 from mixsga_train.errors import ConfigError
 from tiny import tiny_model
+from interpreter_worker import report, run_worker
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NEW_TOKENS = 4
@@ -109,18 +109,12 @@ def _worker() -> None:
             results[name] = _run_case(name)
         except Exception as exc:  # reported per case by the parent
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    print("RESULTS_JSON " + json.dumps(results))
+    report(results)
 
 
 @pytest.fixture(scope="module")
 def wiring_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True, text=True, timeout=300
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
-    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS_JSON "):])
+    return run_worker(__file__)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

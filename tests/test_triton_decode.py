@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import mixsga_train.attention.triton_decode as _td_module
+from interpreter_worker import report, run_worker
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -255,18 +254,12 @@ def _worker() -> None:
         results["extra"] = _run_extra_checks(td)
     except Exception as exc:
         results["extra"] = {"error": f"{type(exc).__name__}: {exc}"}
-    print("RESULTS_JSON " + json.dumps(results))
+    report(results)
 
 
 @pytest.fixture(scope="module")
 def kernel_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True, text=True, timeout=300
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON ")]
-    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS_JSON ") :])
+    return run_worker(__file__)
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..attention.adapters import adapter_for
+from ..attention.adapters import ADAPTERS, adapter_for
 from ..errors import ConfigError
 from .gguf import load_smollm2_135m
 from .tiny import tiny_model, tiny_tokenizer
 
 SOURCES = ("hub", "local", "gguf_smollm2", "tiny")
-FAMILIES = ("llama", "gemma2", "opt", "qwen2", "mistral")
+FAMILIES = tuple(ADAPTERS)  # the families convert_model supports
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_KV_HEADS, SMOLLM2_LAYERS = 3, 30
 
