@@ -86,7 +86,7 @@ def test_generate_and_score(tiny_with_tokenizer):
         result = generate_and_score(model, tokenizer, examples, max_new_tokens=4, batch_size=2, max_prompt_len=64)
         assert len(result.predictions) == 3 and all(isinstance(p, str) for p in result.predictions)
         assert 0.0 <= result.rouge_l <= 100.0 and math.isfinite(result.rouge_l)
-        assert result.kv_bytes_per_token > 0
+        assert result.kv.prefill_bytes_per_token > 0 and result.kv.decode_tokens > 0
     assert tokenizer.padding_side == side
     assert sum(result.expert_fractions_decode) == pytest.approx(1.0)
     assert sum(result.expert_fractions_prefill) == pytest.approx(1.0)
