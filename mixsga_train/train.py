@@ -66,8 +66,8 @@ def summary(metrics: dict, run_dir: Path) -> str:
     before, after = metrics.get("eval_before"), metrics["eval"]
     for label, block in (("before training:", before), ("after training: ", after)):
         if block is not None:
-            lines.append(f"perplexity {label} {block['ppl_causal_routing']:.2f} causal routing; top-k {block['ppl']:.2f} "
-                         "(paper protocol, non-causal: sees the whole block)")
+            lines.append(f"perplexity {label} {block['ppl_causal_routing']:.2f} causal routing; "
+                         f"top-k {block['ppl']:.2f} (paper protocol, non-causal: sees the whole block)")
     for name, value in after["rouge_l"].items():
         lines.append(f"ROUGE-L {name}: {value:.2f}")
     native = metrics["kv_bytes_per_token_native"]

@@ -30,7 +30,8 @@ def test_lm_run_trains_through_deepspeed_and_writes_real_metrics(lm_run):
     fractions = after["expert_fractions"]["prefill"]
     assert fractions == pytest.approx([0.3, 0.1, 0.6])
     assert sum(after["expert_fractions"]["decode"]) == pytest.approx(1.0) and after["decode_tokens"] > 0
-    assert after["kv_share_decode"] == pytest.approx(after["kv_bytes_per_token_decode"] / m["kv_bytes_per_token_native"])
+    native = m["kv_bytes_per_token_native"]
+    assert after["kv_share_decode"] == pytest.approx(after["kv_bytes_per_token_decode"] / native)
     assert 0 <= after["routing_agreement"] <= 1
     assert (run_dir / "config.yaml").is_file() and (run_dir / "provenance.json").is_file()
     assert (run_dir / "model" / "config.json").is_file()

@@ -42,7 +42,7 @@ def model_for(name):
 def ragged_prompts():
     """Two prompts of 8 and 120 tokens, left padded to 120 (the issue's example)."""
     g = torch.Generator().manual_seed(1)
-    return left_pad([torch.randint(3, 96, (8,), generator=g).tolist(), torch.randint(3, 96, (120,), generator=g).tolist()], 0)
+    return left_pad([torch.randint(3, 96, (n,), generator=g).tolist() for n in (8, 120)], 0)
 
 
 def generate(model, ids, mask, new, eos=None):
@@ -52,15 +52,17 @@ def generate(model, ids, mask, new, eos=None):
     return out.cache, out.sequences[:, ids.shape[1]:]
 
 
-def reference_slot_bytes(cache, name):
+def reference_slot_bytes(cache):
     """[B, T] bytes per slot computed independently of kv.py: K/V heads of the slot's expert (from the
     layer's head groupings) + 1 expert-id byte per mixSGA layer; CLA borrowers hold nothing."""
     per_layer = []
     for layer in cache.layers:
         if isinstance(layer, MixedKVLayer):
             heads = torch.tensor([g.kv_heads for g in layer.groupings])
-            ids = layer.expert_ids.long() if layer.expert_ids is not None else torch.zeros(layer.batch_size, layer.seq_length, dtype=torch.long)
-            per_layer.append(heads[ids] * HEAD_BYTES + (1 if layer.expert_ids is not None else 0))
+            routed = layer.expert_ids is not None
+            shape = (layer.batch_size, layer.seq_length)
+            ids = layer.expert_ids.long() if routed else torch.zeros(shape, dtype=torch.long)
+            per_layer.append(heads[ids] * HEAD_BYTES + (1 if routed else 0))
         elif layer_nbytes(layer):  # transformers' DynamicLayer: native heads
             keys = layer.keys
             per_layer.append(torch.full((keys.shape[0], keys.shape[2]), keys.shape[1] * HEAD_BYTES))
@@ -77,10 +79,10 @@ def test_slot_bytes_sum_to_the_cache_and_match_a_reference_on_a_ragged_batch(nam
     assert slots.sum().item() == pytest.approx(sum(layer_nbytes(layer) for layer in cache.layers))
     if hasattr(cache, "nbytes"):
         assert slots.sum().item() == pytest.approx(cache.nbytes())
-    assert torch.allclose(slots, reference_slot_bytes(cache, name))
+    assert torch.allclose(slots, reference_slot_bytes(cache))
     account = account_generation(cache, mask, new, stop_ids=set())
     assert (account.prefill_tokens, account.decode_tokens) == (8 + 120, 2 * 4)
-    expected = reference_slot_bytes(cache, name)
+    expected = reference_slot_bytes(cache)
     assert account.prefill_bytes_per_token == pytest.approx(expected[:, :120][mask.bool()].mean().item())
     assert account.decode_bytes_per_token == pytest.approx(expected[:, 120:].mean().item())
     budget = {"mixsga": None, "gqa": 0.5, "cla": 0.5, "native": 1.0}[name]
@@ -96,7 +98,7 @@ def test_per_slot_flatters_mixsga_against_per_real_token():
     cache, new = generate(model, ids, mask, new=1)
     per_slot = cache_bytes_per_token(cache)
     real = account_generation(cache, mask, new, stop_ids=set()).prefill_bytes_per_token
-    expected = reference_slot_bytes(cache, "mixsga")
+    expected = reference_slot_bytes(cache)
     assert per_slot == pytest.approx(expected.mean().item())
     assert real == pytest.approx(expected[mask.bool()].mean().item())
     padding = expected[~mask.bool()]
@@ -114,7 +116,7 @@ def test_tokens_from_eos_on_are_not_counted():
     kept = [min(s, cache.get_seq_length() - 120) for s in stop]
     account = account_generation(cache, mask, new, stop_ids={eos})
     assert account.decode_tokens == sum(kept) and kept[0] == 2
-    expected = reference_slot_bytes(cache, "mixsga")
+    expected = reference_slot_bytes(cache)
     real = torch.cat([expected[b, 120 : 120 + k] for b, k in enumerate(kept)])
     assert account.decode_bytes_per_token == pytest.approx(real.mean().item())
     counts = torch.zeros(3, dtype=torch.long)
@@ -139,7 +141,9 @@ def test_evaluate_lm_reports_decode_kv_and_realised_fractions():
     ev = evaluate_lm(model, blocks, words=40, batch_size=2)
     assert ev["decode_tokens"] == 2 * (DECODE_TOKENS - 1)  # two prompts (batch_size), no EOS configured
     assert ev["kv_bytes_per_token"] == pytest.approx(0.5 * NATIVE + 4)  # top-k over 20 tokens: exact shares
-    assert ev["kv_share_decode"] == pytest.approx(ev["kv_bytes_per_token_decode"] / native_kv_bytes_per_token(model.config, torch.float32))
+    native = native_kv_bytes_per_token(model.config, torch.float32)
+    assert native == NATIVE
+    assert ev["kv_share_decode"] == pytest.approx(ev["kv_bytes_per_token_decode"] / native)
     fr = ev["expert_fractions"]["decode"]
     heads = (4, 2, 1)
     decode_kv = sum(f * h for f, h in zip(fr, heads)) / 4 * NATIVE + 4  # realised fractions -> bytes, + 4 id bytes
@@ -147,4 +151,5 @@ def test_evaluate_lm_reports_decode_kv_and_realised_fractions():
     assert sum(ev["expert_fractions"]["causal"]) == pytest.approx(1.0)
     assert ev["ppl_causal_routing"] != ev["ppl"]
     gqa = evaluate_lm(model_for("gqa"), blocks, words=40, batch_size=2)
-    assert gqa["kv_share_decode"] == 0.5 and gqa["expert_fractions"] == {"prefill": None, "decode": None, "causal": None}
+    assert gqa["kv_share_decode"] == 0.5
+    assert gqa["expert_fractions"] == {"prefill": None, "decode": None, "causal": None}

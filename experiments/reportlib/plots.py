@@ -39,7 +39,8 @@ def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
               (axes[1], "ppl", "top-k routing (paper protocol, non-causal), at nominal KV", False))
     for ax, key, name, realised in panels:
         for series, rs in sorted(_series(aggs).items()):
-            rs = sorted([a for a in rs if a[key] is not None], key=lambda a: x_budget(a) if realised else a["kv_budget"])
+            rs = sorted([a for a in rs if a[key] is not None],
+                        key=lambda a: x_budget(a) if realised else a["kv_budget"])
             if not rs:
                 continue
             xs = [x_budget(a) if realised else 100 * a["kv_budget"] for a in rs]
@@ -52,7 +53,8 @@ def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
                 for x, y, a in zip(xs, ys, rs):
                     if abs(x - 100 * a["kv_budget"]) > 0.05:
                         ax.plot([100 * a["kv_budget"], x], [y, y], linestyle=":", color=color, alpha=0.6)
-                        ax.scatter([100 * a["kv_budget"]], [y], marker=marker, facecolors="none", edgecolors=color, alpha=0.6)
+                        ax.scatter([100 * a["kv_budget"]], [y], marker=marker, facecolors="none", edgecolors=color,
+                                   alpha=0.6)
             else:
                 before = [(100 * a["kv_budget"], a["ppl_before"]) for a in rs if a["ppl_before"] is not None]
                 if before:

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 NUMERIC = ("kv_budget", "realised_kv_budget", "kv_bytes_per_token", "kv_bytes_per_token_decode", "kv_share_decode",
-           "kv_bytes_per_token_native", "kv_measured_fraction", "kv_overhead_bytes", "kv_overhead_bytes_per_layer", "params", "train_steps", "train_tokens", "train_tokens_per_s",
+           "kv_bytes_per_token_native", "kv_measured_fraction", "kv_overhead_bytes", "kv_overhead_bytes_per_layer",
+           "params", "train_steps", "train_tokens", "train_tokens_per_s",
            "train_final_lm_loss", "ppl_before", "ppl_causal_before", "ppl", "ppl_causal", "word_ppl", "word_ppl_causal",
            "routing_agreement", "decode_kv_budget", "rouge_l_avg")
 METHOD_ORDER = {"mha": 0, "gqa": 1, "cla": 2, "mixsga": 3}

@@ -114,7 +114,8 @@ class KVAccount:
     def __add__(self, other: KVAccount) -> KVAccount:
         counts = self.decode_expert_counts
         if other.decode_expert_counts is not None:
-            counts = other.decode_expert_counts if counts is None else [a + b for a, b in zip(counts, other.decode_expert_counts)]
+            theirs = other.decode_expert_counts
+            counts = theirs if counts is None else [a + b for a, b in zip(counts, theirs)]
         return KVAccount(self.prefill_bytes + other.prefill_bytes, self.prefill_tokens + other.prefill_tokens,
                          self.decode_bytes + other.decode_bytes, self.decode_tokens + other.decode_tokens, counts)
 
@@ -152,7 +153,9 @@ def real_slot_masks(attention_mask: torch.Tensor, new_tokens: torch.Tensor, stop
     return prefill, decode
 
 
-def account_generation(cache: Cache, attention_mask: torch.Tensor, new_tokens: torch.Tensor, stop_ids: set[int]) -> KVAccount:
+def account_generation(
+    cache: Cache, attention_mask: torch.Tensor, new_tokens: torch.Tensor, stop_ids: set[int]
+) -> KVAccount:
     """The ``KVAccount`` of the cache ``generate()`` returned for a prompt batch (``attention_mask``
     [B, L], left padded) and its generated tokens ``new_tokens`` [B, n]."""
     slots = slot_kv_bytes(cache)
@@ -163,7 +166,9 @@ def account_generation(cache: Cache, attention_mask: torch.Tensor, new_tokens: t
             ids = layer.expert_ids.long().cpu()[decode]
             layer_counts = torch.bincount(ids, minlength=len(layer.groupings)).tolist()
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
-    return KVAccount(slots[prefill].sum().item(), int(prefill.sum()), slots[decode].sum().item(), int(decode.sum()), counts)
+    return KVAccount(
+        slots[prefill].sum().item(), int(prefill.sum()), slots[decode].sum().item(), int(decode.sum()), counts
+    )
 
 
 def stop_token_ids(model: nn.Module, tokenizer=None) -> set[int]:
