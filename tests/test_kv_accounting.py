@@ -1,8 +1,6 @@
 """KV bytes per REAL token: every byte a cache holds is attributed to one slot, and prefill/decode
 bytes are summed over real prompt tokens and generated tokens before EOS only (ragged batches)."""
 
-import copy
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from mixsga_train.evaluation.generation import left_pad
 from mixsga_train.evaluation.kv import (
     account_generation,
     cache_bytes_per_token,
-    measure_generation_kv,
     native_kv_bytes_per_token,
     real_slot_masks,
     slot_kv_bytes,
