@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     out = args.run_dir / f"{args.name}.json"
     write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
-    print(f"perplexity {results['ppl']:.3f} (causal routing {results['ppl_causal_routing']:.3f}); "
-          f"KV bytes/token {results['kv_bytes_per_token']:.1f}; written to {out}")
+    print(f"perplexity {results['ppl_causal_routing']:.3f} causal routing (top-k {results['ppl']:.3f}, non-causal); "
+          f"KV bytes/real token {results['kv_bytes_per_token']:.1f}; written to {out}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from .attention.config import ResolvedAttention
 from .config import RunConfig
 from .data.config import TaskConfig
 from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
-from .data.text import LMBlockDataset, TextSplit, count_words, lm_blocks, load_text_splits
+from .data.text import LMBlockDataset, TextSplit, lm_blocks, load_text_splits
 from .evaluation.kv import native_kv_bytes_per_token
+from .evaluation.perplexity import scored_words
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
 from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
@@ -70,8 +71,7 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> Tas
         splits = raw.text
         train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
-        evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
-        return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, count_words(evaluated_text))
+        return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, scored_words(tokenizer, eval_blocks))
     splits = raw.records
     collate = SFTCollator(tokenizer.pad_token_id)
     test = SFTDataset(splits["test"][: task.eval_max_examples], tokenizer, task.max_len, task.max_prompt_len)

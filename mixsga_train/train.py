@@ -60,17 +60,25 @@ def _main(cfg: DictConfig) -> None:
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
-    """The few numbers a person wants after a run."""
-    lines = [f"run: {metrics['model']} {metrics['method']} ({100 * metrics['kv_budget']:.1f}% KV) on {metrics['task']}"]
+    """The few numbers a person wants after a run; causal-routing perplexity first (the headline)."""
+    budget = metrics["kv_budget"]
+    lines = [f"run: {metrics['model']} {metrics['method']} ({100 * budget:.1f}% KV nominal) on {metrics['task']}"]
     before, after = metrics.get("eval_before"), metrics["eval"]
-    if before is not None:
-        lines.append(f"perplexity before training: {before['ppl']:.2f} (causal routing {before['ppl_causal_routing']:.2f})")
-    lines.append(f"perplexity after training:  {after['ppl']:.2f} (causal routing {after['ppl_causal_routing']:.2f})")
+    for label, block in (("before training:", before), ("after training: ", after)):
+        if block is not None:
+            lines.append(f"perplexity {label} {block['ppl_causal_routing']:.2f} causal routing; "
+                         f"top-k {block['ppl']:.2f} (paper protocol, non-causal: sees the whole block)")
     for name, value in after["rouge_l"].items():
         lines.append(f"ROUGE-L {name}: {value:.2f}")
     native = metrics["kv_bytes_per_token_native"]
-    lines.append(f"KV bytes per token: {after['kv_bytes_per_token']:.1f} measured vs {native} native "
-                 f"({100 * after['kv_bytes_per_token'] / native:.1f}%)")
+    for label, key in (("prefill", "kv_bytes_per_token"), ("decode", "kv_bytes_per_token_decode")):
+        value = after.get(key)
+        if value is not None:
+            lines.append(f"KV bytes per real token, {label}: {value:.1f} measured vs {native} native "
+                         f"({100 * value / native:.1f}%, nominal {100 * budget:.1f}%)")
+    decode = (after.get("expert_fractions") or {}).get("decode")
+    if decode:
+        lines.append("realised decode expert fractions: " + "/".join(f"{f:.2f}" for f in decode))
     train = metrics["train"]
     if train:
         lines.append(f"trained {train['steps']} steps, {train['tokens']} tokens in {train['seconds']:.0f} s "

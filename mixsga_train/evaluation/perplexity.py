@@ -1,8 +1,10 @@
 """Perplexity over non-overlapping token blocks, token- and word-level, under a chosen routing.
 
 mixSGA routing decides what perplexity means: ``topk`` routes each block by progressive top-k over
-the whole block (the paper's protocol), ``argmax`` routes every token by its own router scores
-(causal, what streaming decoding sees). Other models ignore ``routing``.
+the whole block (the paper's protocol; NOT causal: the expert of token t depends on later tokens, so
+the prediction at t sees the future), ``argmax`` routes every token by its own router scores (causal,
+what streaming decoding sees). ``CAUSAL_MODE`` is the mode of the headline perplexity. Other models
+ignore ``routing``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.text import count_words
 from .routing_scope import evaluating
 
-PPL_ROUTINGS = ("topk", "argmax")
+# The routing of the headline (causal) perplexity. Becomes "causal" (the configured decode policy
+# applied causally to every token) once the router's decode budget policy is merged.
+CAUSAL_MODE = "argmax"
+PPL_ROUTINGS = ("topk", "argmax", CAUSAL_MODE)
 
 
 @dataclass
@@ -42,7 +48,7 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``blocks`` [N, L] (each row predicts its L - 1 next tokens).
 
-    ``words``: whitespace words of the evaluated text (``count_words``), for word-level perplexity.
+    ``words``: whitespace words of exactly the scored text (``scored_words``), for word-level perplexity.
     Runs in eval mode under ``routing``; the model's training flag and routing state are restored.
     """
     if routing not in PPL_ROUTINGS:
@@ -66,6 +72,13 @@ def evaluate_response_perplexity(model: nn.Module, batches: list[dict], routing:
         raise ValueError(f"routing must be one of {PPL_ROUTINGS}, got {routing!r}")
     nll_sum, tokens, stats = _sum_nll(model, batches, routing)
     return _result(nll_sum, tokens, None, routing, stats)
+
+
+def scored_words(tokenizer, blocks: torch.Tensor) -> int:
+    """Whitespace words of the text whose tokens ``evaluate_perplexity`` scores: tokens 1..L-1 of
+    every block [N, L] (token 0 is context only). Word perplexity divides the NLL of those
+    N * (L - 1) tokens by this count, so numerator and denominator cover the same text."""
+    return sum(count_words(tokenizer.decode(row[1:].tolist())) for row in blocks)
 
 
 def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
