@@ -16,7 +16,7 @@ from torch import nn
 
 from .routing_scope import evaluating
 
-PPL_ROUTINGS = ("topk", "argmax")
+PPL_ROUTINGS = ("topk", "causal")
 
 
 @dataclass

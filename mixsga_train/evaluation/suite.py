@@ -17,7 +17,7 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: 
     and with causal argmax routing (the same pass for models without routers); KV bytes measured
     from a one-block prefill."""
     topk = evaluate_perplexity(model, blocks, batch_size, "topk", words)
-    causal = evaluate_perplexity(model, blocks, batch_size, "argmax", words) if num_experts(model) else topk
+    causal = evaluate_perplexity(model, blocks, batch_size, "causal", words) if num_experts(model) else topk
     return {
         "ppl": topk.ppl,
         "ppl_causal_routing": causal.ppl,
@@ -35,7 +35,7 @@ def evaluate_sft(model: nn.Module, tokenizer, test_batches: list[dict], eval_set
     """Response-token perplexity of the test split (both routings) and ROUGE-L of generations
     for every eval set; KV bytes and decode-time expert fractions come from those generations."""
     topk = evaluate_response_perplexity(model, test_batches, "topk")
-    causal = evaluate_response_perplexity(model, test_batches, "argmax") if num_experts(model) else topk
+    causal = evaluate_response_perplexity(model, test_batches, "causal") if num_experts(model) else topk
     rouge, kv, prefill, decode, weights = {}, [], [], [], []
     for label, examples in eval_sets.items():
         result = generate_and_score(model, tokenizer, examples, task.max_new_tokens, batch_size, task.max_prompt_len, seed=seed)
