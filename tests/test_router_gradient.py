@@ -14,6 +14,7 @@ COSTS = [1.0, 0.5, 0.25]
 
 @pytest.mark.parametrize("capacity", [[0.3, 0.1, 0.6], [0.5, 0.0, 0.5]])
 def test_counterfactual_gradient_is_the_kv_difference_times_the_output_gradient(capacity):
+    """d loss / d s_e = <KV_e - KV_selected, dL/dout> on the sigmoid scores s."""
     torch.manual_seed(0)
     router = TokenRouter(6, capacity, 0, RoutingContext(mode="topk"), "counterfactual", costs=COSTS)
     x = torch.randn(2, 10, 6)
@@ -29,7 +30,8 @@ def test_counterfactual_gradient_is_the_kv_difference_times_the_output_gradient(
     selected = kv.gather(2, router.last_ids[..., None, None].expand(-1, -1, 1, 5))
     expected = ((kv - selected) * grad_out[:, :, None]).sum(-1)
     expected[..., torch.tensor(capacity) == 0] = 0.0  # experts the ratio gives no tokens get no signal
-    assert torch.allclose(logits.grad, expected, atol=1e-5)
+    s = torch.sigmoid(logits.detach())
+    assert torch.allclose(logits.grad, expected * s * (1 - s), atol=1e-5)  # d/dz through the sigmoid score
     assert (logits.grad.gather(2, router.last_ids[..., None]) == 0).all()  # staying put changes nothing
 
 
