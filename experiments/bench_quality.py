@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--with-degenerate", action="store_true", help="also run mixSGA 0:1 (33%%, = GQA-1 + an unused router)")
     p.add_argument("--only", nargs="*", help="run only runs whose name contains one of these")
+    p.add_argument("--mix", nargs="*", default=[], help="extra overrides for every mixSGA run, e.g. attention.router_grad=...")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args()
@@ -100,7 +101,8 @@ def main() -> None:
     commands = []
     for name, over in plan(args):
         run_dir = out / name
-        cmd = [sys.executable, "-m", "mixsga_train.train", *common(args), *over, f"hydra.run.dir={run_dir}"]
+        mix = args.mix if "attention=mixsga" in over else []
+        cmd = [sys.executable, "-m", "mixsga_train.train", *common(args), *over, *mix, f"hydra.run.dir={run_dir}"]
         commands.append(" ".join(cmd))
         if args.dry_run:
             print(" ".join(cmd))

@@ -12,17 +12,27 @@
 3. Report (experiments/report.py) into experiments/results/bench_replica/.
 
     .venv/bin/python experiments/bench_replica.py [--pretrain-steps 600] [--steps 120] [--seeds 0 1 2]
+
+Extra run sets (seed 0 unless --all-seeds): ``--router-sweep`` (router_grad x trainer.router_lr_mult
+at 3:1:6), ``--ratio-grid`` (every 50% ratio over [8, 4, 2] on a 0.05 grid, 0:1:0 included, paper
+eq. 11). ``--only`` keeps the runs whose name matches one of its shell patterns (two processes can
+split the work), ``--pretrained`` reuses another output folder's pretrained model, ``--mix`` adds
+overrides to every mixSGA run (e.g. the chosen router defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from runlib import run_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mixsga_train.attention.budget import feasible_ratios, simplest_integer_ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = ["attention=mixsga", "attention.expert_kv_heads=[8,4,2]", "attention.ratio=[3,1,6]"]
@@ -36,6 +46,26 @@ METHODS = [
     ("mixsga_50_3-1-6_random", MIX + ["attention.router=random"], False),
     ("mixsga_50_3-1-6_aux_only", MIX + ["attention.router_grad=aux_only"], False),
 ]
+
+
+ROUTER_GRADS = ("straight_through", "counterfactual", "aux_only")
+ROUTER_LR_MULTS = (1, 10, 30)
+
+
+def extra_methods(router_sweep: bool, ratio_grid: bool) -> list[tuple[str, list[str], bool]]:
+    """The --router-sweep and --ratio-grid runs as (name, overrides, every seed?)."""
+    out = []
+    if router_sweep:
+        for grad in ROUTER_GRADS:
+            for mult in ROUTER_LR_MULTS:
+                out.append((f"mixsga_50_3-1-6_{grad}_lr{mult}", MIX + [f"attention.router_grad={grad}",
+                                                                      f"trainer.router_lr_mult={mult}"], False))
+    if ratio_grid:
+        for shares in feasible_ratios([8, 4, 2], 8, 0.5, 0.05, mixtures_only=False):
+            ratio = simplest_integer_ratio(shares)
+            name = "-".join(map(str, ratio))
+            out.append((f"mixsga_50_grid_{name}", MIX[:-1] + [f"attention.ratio=[{','.join(map(str, ratio))}]"], True))
+    return out
 
 
 def run(name: str, cmd: list[str], run_dir: Path, env: dict) -> None:
@@ -55,6 +85,13 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=160, help="a multiple of 10, so 3:1:6 top-k shares are exact")
     p.add_argument("--eval-tokens", type=int, default=8000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--router-sweep", action="store_true", help="router_grad x router_lr_mult at 3:1:6 (seed 0)")
+    p.add_argument("--ratio-grid", action="store_true", help="the 50%% ratio grid over [8,4,2], 0:1:0 included")
+    p.add_argument("--only", nargs="+", default=None, help="shell patterns of run names to keep, e.g. 'gqa*' 'cla*'")
+    p.add_argument("--pretrained", default=None, help="an output folder whose pretrain_mha/ to reuse")
+    p.add_argument("--mix", nargs="*", default=[], help="extra overrides for every mixSGA run")
+    p.add_argument("--all-seeds", action="store_true", help="run every method with every seed")
+    p.add_argument("--no-report", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     out = ROOT / args.out
@@ -63,17 +100,21 @@ def main() -> None:
     base = ["task=shakespeare", f"task.seq_len={args.seq_len}", f"task.max_eval_tokens={args.eval_tokens}",
             "precision=fp32", "zero=stage0", "logger=none", "experiment_name=bench_replica",
             f"trainer.micro_batch_size={args.batch}", "trainer.eval_batch_size=32", "trainer.log_every=25"]
-    pre_dir = out / "pretrain_mha"
+    pre_dir = (ROOT / args.pretrained if args.pretrained else out) / "pretrain_mha"
     pretrain = py + base + ["model=tiny_llama_mha8", "attention=mha", f"trainer.max_steps={args.pretrain_steps}",
                             f"trainer.lr={args.pretrain_lr}", "trainer.warmup_ratio=0.05", "trainer.min_lr_ratio=0.1",
                             "trainer.eval_before=false", "seed=0", f"hydra.run.dir={pre_dir}"]
     local = ["model=tiny_llama_mha8", "model.source=local", f"model.path={pre_dir / 'model'}",
              "model.name=tiny-llama-mha8-pretrained"]
     runs = []
+    methods = METHODS + extra_methods(args.router_sweep, args.ratio_grid)
     for i, seed in enumerate(args.seeds):
-        for name, over, every_seed in METHODS:
-            if i == 0 or every_seed:
-                tag = f"{name}_s{seed}"
+        for name, over, every_seed in methods:
+            tag = f"{name}_s{seed}"
+            if args.only and not any(fnmatch.fnmatch(tag, pat) for pat in args.only):
+                continue
+            if i == 0 or every_seed or args.all_seeds:
+                over = over + args.mix if "attention=mixsga" in over else over
                 runs.append((tag, py + base + local + over + [f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}",
                                                               "trainer.warmup_ratio=0.05", f"seed={seed}",
                                                               f"hydra.run.dir={out / 'continued' / tag}"]))
@@ -84,6 +125,8 @@ def main() -> None:
     run("pretrain_mha", pretrain, pre_dir, env)
     for tag, cmd in runs:
         run(tag, cmd, out / "continued" / tag, env)
+    if args.no_report:
+        return
     results = ROOT / args.results
     results.mkdir(parents=True, exist_ok=True)
     (results / "commands.txt").write_text("\n".join(commands) + "\n")

@@ -33,6 +33,7 @@ class TrainerConfig:
     keep_checkpoints: how many complete checkpoints to keep. resume: ``auto`` continues the run
     directory from its last complete checkpoint; ``never`` refuses a directory that has one.
     log_every: optimizer steps between log lines. train_only_routers: freeze everything else.
+    router_lr_mult: mixSGA routers train at router_lr_mult * lr, without weight decay.
     """
 
     zero_stage: int = 2
@@ -55,6 +56,7 @@ class TrainerConfig:
     resume: str = "never"
     log_every: int = 10
     train_only_routers: bool = False
+    router_lr_mult: float = 1.0
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -72,6 +74,8 @@ class TrainerConfig:
             raise ConfigError("trainer.epochs", f"{self.epochs} must be >= 1")
         if self.lr <= 0:
             raise ConfigError("trainer.lr", f"{self.lr} must be positive, e.g. 2e-4")
+        if self.router_lr_mult <= 0:
+            raise ConfigError("trainer.router_lr_mult", f"{self.router_lr_mult} must be positive, e.g. 10")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("trainer.betas", f"{self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not 0 <= self.warmup_ratio < 1:

@@ -67,6 +67,17 @@ def test_cla_groups_reach_budget(layers, budget, expected):
     assert cla_budget(groups) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("layers, budget, nearest", [(22, 0.25, "0.227273 (5 of 22 layers) or 0.272727 (6 of 22 layers)"),
+                                                    (22, 0.75, "0.727273 (16 of 22 layers) or 0.772727 (17 of 22 layers)"),
+                                                    (4, 0.35, "0.25 (1 of 4 layers) or 0.5 (2 of 4 layers)"),
+                                                    (3, 0.5, "0.333333 (1 of 3 layers) or 0.666667 (2 of 3 layers)"),
+                                                    (8, 0.1, "0.125 (1 of 8 layers)")])
+def test_cla_refuses_budgets_off_its_grid_and_names_the_nearest(layers, budget, nearest):
+    with pytest.raises(ConfigError, match=rf"^attention\.budget: CLA cannot reach {budget} with {layers} layers .*use "
+                                          + nearest.replace("(", r"\(").replace(")", r"\)") + "$"):
+        cla_sharing_groups(layers, budget)
+
+
 def test_cla_75_percent_mixes_pairs_and_singles():
     groups = cla_sharing_groups(4, 0.75)
     assert sorted(map(len, groups)) == [1, 1, 2]

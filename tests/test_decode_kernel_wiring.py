@@ -174,7 +174,7 @@ def test_gqa_fallback_and_row_index(monkeypatch):
 
 @pytest.mark.parametrize("family, cfg, reason", [
     ("gemma2", METHODS["mixsga"], "softcapping"),
-    ("llama", dict(method="cla", budget=0.5), "mixed KV cache"),
+    ("llama", dict(method="cla", budget=2 / 3), "mixed KV cache"),
     ("llama", dict(method="mha"), "mixed KV cache"),
 ])
 def test_unsupported_models_keep_torch_path_with_one_warning(family, cfg, reason, caplog):

@@ -126,14 +126,21 @@ def gqa_kv_heads_for_budget(budget: float, native_kv_heads: int) -> int:
 def cla_sharing_groups(num_layers: int, budget: float) -> list[list[int]]:
     """Consecutive layer groups for Cross-Layer Attention at ``budget`` (1 K/V per group).
 
-    The number of groups is round(budget * num_layers) (at least 1); group sizes differ by at most
-    one, larger groups first. 50% on 30 layers gives 15 pairs; 75% gives a mix of pairs and single
-    layers, which is how non-integer sharing factors are reached. The achieved budget is
-    groups / num_layers (see ``cla_budget``).
+    CLA keeps K/V in ``budget * num_layers`` layers, which must be a whole number (like GQA's head
+    counts): any other budget is refused, naming the nearest reachable ones. Group sizes differ by
+    at most one, larger groups first: 50% on 30 layers gives 15 pairs; 75% on 4 layers gives a pair
+    and two single layers, which is how non-integer sharing factors are reached.
     """
     if not 0 < budget <= 1:
         raise ConfigError("attention.budget", f"{budget} is outside (0, 1]; pick e.g. 0.5")
-    groups = max(1, round(budget * num_layers))
+    owners = budget * num_layers
+    if not math.isclose(owners, round(owners), abs_tol=1e-6) or round(owners) < 1:
+        nearest = sorted({max(1, math.floor(owners)), min(num_layers, math.ceil(owners))})
+        options = " or ".join(f"{k / num_layers:.6g} ({k} of {num_layers} layers)" for k in nearest)
+        raise ConfigError(
+            "attention.budget", f"CLA cannot reach {budget} with {num_layers} layers (K/V in whole layers); use {options}"
+        )
+    groups = round(owners)
     base, extra = divmod(num_layers, groups)
     sizes = [base + 1] * extra + [base] * (groups - extra)
     out, start = [], 0

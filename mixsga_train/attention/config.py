@@ -22,10 +22,11 @@ from .budget import (
     paper_expert_kv_heads,
     parse_ratio,
 )
+from .routing import DECODE_POLICIES
 from ..errors import ConfigError
 
 METHODS = ("mha", "gqa", "cla", "mixsga")
-ROUTER_GRADS = ("aux_only", "straight_through")
+ROUTER_GRADS = ("counterfactual", "straight_through", "aux_only")
 ROUTERS = ("learned", "random")
 CLA_INITS = ("first", "mean")
 DECODE_KERNELS = ("torch", "triton")
@@ -44,8 +45,14 @@ class AttentionConfig:
         the paper's [H_kv, H_kv/2, H_kv/4].
     ratio: mixSGA only: capacity shares per expert, a list [3, 1, 6] or a string "3:1:6".
     alpha: mixSGA only: weight of the prefill/decode consistency loss (paper eq. 5).
-    router_grad: mixSGA only: ``aux_only`` (router trained by the aux loss alone, the paper's
-        literal eq. 9) or ``straight_through`` (LM gradient reaches the selected expert's score).
+    router_grad: mixSGA only: how the LM loss reaches the router (forward always hard):
+        ``counterfactual`` (every expert's logit gets <KV_e - KV_selected, dL/dKV>, the first-order
+        loss change of moving the token there), ``straight_through`` (only the selected expert's
+        score, as a K/V scale) or ``aux_only`` (none: the aux loss alone, the paper's literal eq. 9).
+    decode_policy: mixSGA only: routing of generated tokens (and of every token under causal
+        routing): ``budget`` (running quota: the router's preferred expert unless that would take
+        the sequence's generated K/V over the budget, then the best one that fits) or ``argmax``
+        (the paper's eq. 3; may exceed the budget).
     router: mixSGA only: ``learned`` or ``random`` (ablation: tokens drawn to the target ratio).
     decode_kernel: mixSGA/GQA inference: ``torch`` (expand the cache to H_kv heads, then the model's
         own attention) or ``triton`` (decode steps read the mixed cache with the fused kernel in
@@ -61,6 +68,7 @@ class AttentionConfig:
     ratio: Any = field(default_factory=lambda: [3, 1, 6])
     alpha: float = 1.0
     router_grad: str = "straight_through"
+    decode_policy: str = "budget"
     router: str = "learned"
     decode_kernel: str = "torch"
 
@@ -129,6 +137,10 @@ class AttentionConfig:
             )
         if self.router_grad not in ROUTER_GRADS:
             raise ConfigError("attention.router_grad", f"unknown {self.router_grad!r}; choose one of {', '.join(ROUTER_GRADS)}")
+        if self.decode_policy not in DECODE_POLICIES:
+            raise ConfigError(
+                "attention.decode_policy", f"unknown {self.decode_policy!r}; choose one of {', '.join(DECODE_POLICIES)}"
+            )
         if self.router not in ROUTERS:
             raise ConfigError("attention.router", f"unknown {self.router!r}; choose one of {', '.join(ROUTERS)}")
         if self.alpha < 0:
@@ -142,6 +154,7 @@ class AttentionConfig:
             ratio=normalise_ratio(ratio),
             alpha=self.alpha,
             router_grad=self.router_grad,
+            decode_policy=self.decode_policy,
             router=self.router,
         )
 
@@ -158,6 +171,7 @@ class ResolvedAttention:
     ratio: list[float] | None = None
     alpha: float = 0.0
     router_grad: str = "straight_through"
+    decode_policy: str = "budget"
     router: str = "learned"
     cla_groups: list[list[int]] | None = None
     cla_init: str = "first"

@@ -42,7 +42,7 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
     adapter = adapter_for(model.config)
     attentions = adapter.attention_modules(model)
     d_h = head_dim(model.config)
-    context = RoutingContext()
+    context = RoutingContext(decode_policy=resolved.decode_policy)
     layouts = []
     for layer_idx, attn in enumerate(attentions):
         layouts.append(_convert_layer(attn, layer_idx, resolved, d_h, model.config.hidden_size, context, attentions))
@@ -69,7 +69,9 @@ def _convert_layer(attn, layer_idx, resolved: ResolvedAttention, d_h, hidden, co
     if method == "mixsga":
         groupings = [HeadGrouping(resolved.native_kv_heads, k) for k in resolved.expert_kv_heads]
         device, dtype = attn.k_proj.weight.device, attn.k_proj.weight.dtype
-        router = TokenRouter(hidden, resolved.ratio, layer_idx, context, resolved.router_grad, resolved.router == "random")
+        costs = [k / resolved.native_kv_heads for k in resolved.expert_kv_heads]
+        router = TokenRouter(hidden, resolved.ratio, layer_idx, context, resolved.router_grad, resolved.router == "random",
+                             costs=costs)
         attn.router = router.to(device=device, dtype=dtype)
         attn.k_proj = MixedHeadProjection(attn.k_proj, groupings, d_h, attn.router)
         attn.v_proj = MixedHeadProjection(attn.v_proj, groupings, d_h, attn.router)

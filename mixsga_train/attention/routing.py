@@ -1,44 +1,120 @@
-"""Token-to-expert routing: the sigmoid router (eq. 1), progressive top-k (eq. 2), argmax decode
-routing (eq. 3) and the prefill/decode consistency loss (eqs. 4-5)."""
+"""Token-to-expert routing: the sigmoid router (eq. 1), progressive top-k (eq. 2) with capacities
+that never exceed the budget, argmax decode routing (eq. 3), the budget-holding decode policy,
+the router's gradient estimators and the prefill/decode consistency loss (eqs. 4-5)."""
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTING_MODES = ("auto", "topk", "argmax", "fixed")
+# per-token routing modes of RoutingContext; "causal" applies the configured decode policy to every token
+ROUTING_MODES = ("auto", "topk", "argmax", "causal", "fixed")
+DECODE_POLICIES = ("budget", "argmax")
+_EPS = 1e-9
 
 
-def progressive_topk(scores: torch.Tensor, capacity: list[float], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+@lru_cache(maxsize=4096)
+def capacity_counts(n: int, capacity: tuple[float, ...], costs: tuple[float, ...]) -> tuple[int, ...]:
+    """How many of ``n`` tokens each expert takes under top-k routing (eq. 2), never over budget.
+
+    capacity: shares rho_e (sum 1); costs: each expert's KV per token as a fraction of native,
+    most expensive first. Largest remainder first (each count is floor or ceil of rho_e * n, the
+    counts sum to n); then, while sum_e n_e c_e exceeds sum_e rho_e c_e * n, a rounded-up expert
+    swaps with a cheaper rounded-down one, the swap that gives up the least budget first (so as
+    much of the budget as possible is used). This always ends within budget: every swap lowers the
+    cost, and when none is left the rounded-up set is the cheapest fractional experts, whose
+    excess is W * (mean cost of that set - mean cost of the rest) <= 0 (W = the rest's fractional
+    parts summed).
+    """
+    exact = [r * n for r in capacity]
+    counts = [math.floor(x + _EPS) for x in exact]
+    frac = [max(x - c, 0.0) for x, c in zip(exact, counts)]
+    order = sorted(range(len(exact)), key=lambda e: (-frac[e], e))
+    up = set(order[: n - sum(counts)])
+    budget = sum(x * c for x, c in zip(exact, costs))
+
+    def cost() -> float:
+        return sum((counts[e] + (e in up)) * costs[e] for e in range(len(costs)))
+
+    while cost() > budget + _EPS:
+        down = [e for e in range(len(costs)) if e not in up and frac[e] > _EPS]
+        swaps = [(costs[src] - costs[dst], src, dst) for src in up for dst in down if costs[dst] < costs[src]]
+        _, src, dst = min(swaps)  # never empty while over budget (argument above)
+        up.remove(src)
+        up.add(dst)
+    return tuple(counts[e] + (e in up) for e in range(len(costs)))
+
+
+def progressive_topk(
+    scores: torch.Tensor, capacity: list[float], costs: list[float], token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exclusive expert-choice assignment per sequence (paper eq. 2).
 
-    scores: [B, L, E] router scores; capacity: E shares summing to 1; token_mask: [B, L] bool,
-    False on padding. Experts choose in order: expert e takes the ceil(rho_e * n) highest-scoring
-    still-free real tokens of each sequence (n = that sequence's real length; ties go to the
-    earlier position); the last expert takes every real token left. Padding tokens get the last
-    (cheapest) expert and count toward no capacity. Returns expert ids [B, L] long.
+    scores: [B, L, E] router scores; capacity: E shares summing to 1; costs: E per-token KV costs
+    (most expensive first); token_mask: [B, L] bool, False on padding. Experts choose in order:
+    expert e takes its ``capacity_counts`` share of the highest-scoring still-free real tokens of
+    each sequence (ties go to the earlier position); the last expert takes every real token left.
+    Padding tokens get the last (cheapest) expert and count toward no capacity. Returns [B, L] long.
     """
     batch, length, experts = scores.shape
     if token_mask is None:
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
     free = token_mask.clone()
-    n_real = token_mask.sum(dim=1)
+    n_real = token_mask.sum(dim=1).tolist()
+    quota = torch.tensor([capacity_counts(int(n), tuple(capacity), tuple(costs)) for n in n_real],
+                         dtype=torch.long, device=scores.device).view(batch, experts)
     ids = torch.full((batch, length), experts - 1, dtype=torch.long, device=scores.device)
     positions = torch.arange(length, device=scores.device).expand(batch, length)
     for e in range(experts - 1):
-        # ceil with a guard against float noise (0.3 * 10 = 3.0000000000000004)
-        k = torch.ceil(capacity[e] * n_real.double() - 1e-9).long()
-        k = torch.minimum(k, free.sum(dim=1))
         masked = scores[..., e].float().masked_fill(~free, -math.inf)
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, positions)
-        chosen = (rank < k[:, None]) & free
+        chosen = (rank < quota[:, e, None]) & free
         ids[chosen] = e
         free &= ~chosen
+    return ids
+
+
+def budget_decode_route(
+    scores: torch.Tensor,
+    costs: torch.Tensor,
+    allowed: torch.Tensor,
+    budget: float,
+    spent: torch.Tensor,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``budget`` decode policy: route tokens one position at a time so that, for every
+    sequence and every prefix of its routed tokens, sum of costs <= budget * tokens (running quota).
+
+    scores: [B, L, E] router logits (higher = preferred); costs: [E] KV per token (fraction of
+    native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e; spent [B] float64 and tokens [B] long:
+    this sequence's running totals, updated in place; token_mask: [B, L], False on padding (those
+    get the cheapest allowed expert and count nothing). Each token takes its preferred expert if
+    that keeps the total within quota, else the best-scoring one that does. The cheapest allowed
+    expert always fits: budget is a convex combination of allowed costs, so c_min <= budget, and
+    with spent <= budget * t, spent + c_min <= budget * (t + 1). Returns ids [B, L] long.
+    """
+    batch, length, _ = scores.shape
+    costs64 = costs.double().to(scores.device)
+    allowed = allowed.to(scores.device)
+    cheapest = int(torch.where(allowed, costs64, math.inf).argmin())
+    ids = torch.empty(batch, length, dtype=torch.long, device=scores.device)
+    for t in range(length):
+        real = token_mask[:, t] if token_mask is not None else torch.ones(batch, dtype=torch.bool, device=ids.device)
+        quota = budget * (tokens + 1).double()
+        fits = (spent[:, None] + costs64[None, :] <= quota[:, None] + _EPS) & allowed
+        choice = scores[:, t].float().masked_fill(~fits, -math.inf).argmax(dim=-1)
+        choice = torch.where(real, choice, torch.full_like(choice, cheapest))
+        spent += torch.where(real, costs64[choice], torch.zeros_like(spent))
+        tokens += real.long()
+        ids[:, t] = choice
     return ids
 
 
@@ -80,6 +156,13 @@ class RoutingStats:
         total = counts.sum().item()
         return [c / total for c in counts.tolist()] if total else [0.0] * self.num_experts
 
+    def kv_share(self, which: str, costs: list[float]) -> float | None:
+        """Realised K/V of the counted tokens as a fraction of native (sum_e f_e c_e; ids excluded);
+        None when nothing was counted."""
+        if not int(getattr(self, which).sum()):
+            return None
+        return sum(f * c for f, c in zip(self.fractions(which), costs))
+
     @property
     def agreement(self) -> float | None:
         return self.agree / self.compared if self.compared else None
@@ -89,13 +172,17 @@ class RoutingStats:
 class RoutingContext:
     """Per-model routing state shared by every layer's router.
 
-    mode: ``auto`` (top-k for a prompt/training sequence, argmax for tokens that extend a
-    non-empty cache: the paper's Fig. 2), ``topk``, ``argmax`` (causal: every token by its own
-    scores) or ``fixed`` (replay ``fixed_ids[layer]``, used to check decoding against recomputation).
+    mode (one of ROUTING_MODES): ``auto`` (top-k for a prompt/training sequence, the decode policy
+    for tokens that extend a non-empty cache: the paper's Fig. 2), ``topk``, ``argmax`` (plain
+    eq. 3 for every token), ``causal`` (the decode policy for every token, in order: what decoding
+    really does, so perplexity under it is causal) or ``fixed`` (replay ``fixed_ids[layer]``, used
+    to check decoding against recomputation). decode_policy (one of DECODE_POLICIES): ``budget``
+    (running quota, see ``budget_decode_route``) or ``argmax`` (eq. 3, the paper's protocol).
     The top-level model's forward pre-hook fills ``token_mask`` and ``decoding`` for each call.
     """
 
     mode: str = "auto"
+    decode_policy: str = "budget"
     token_mask: torch.Tensor | None = None
     decoding: bool = False
     fixed_ids: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -107,11 +194,27 @@ class RoutingContext:
 class TokenRouter(nn.Module):
     """Per-layer router: ``sigmoid(x @ phi + beta)`` over E experts (eq. 1), He-initialised, bias 0.
 
-    ``route(x)`` returns gates [B, L, E]: the hard one-hot assignment (eq. 2 or eq. 3); with
-    ``straight_through`` the selected entry carries ``1 + s - stopgrad(s)`` so the LM loss reaches
-    the router while the forward stays identical to inference. Argmax decode routing skips
-    experts whose capacity share is 0. It remembers its last logits and
-    ids for the aux loss (``aux_loss()``) and for the cache (``last_ids``).
+    ``route(x)`` returns gates [B, L, E] whose value is the hard one-hot assignment (eq. 2, eq. 3
+    or the budget decode policy). Under autograd the gates also carry the router's gradient
+    (``router_grad``; z = the router logits, d = z - stopgrad(z), onehot = the assignment):
+
+    * ``counterfactual``: ``onehot + d - onehot * sum_e d_e`` with d = s - stopgrad(s) on the
+      sigmoid scores s = sigmoid(z); expert e's score receives ``<KV_e - KV_selected, dL/dKV>``
+      (summed over K and V), the first-order change of the loss if the token moved to e, for every
+      expert the ratio gives tokens (the last one included). It acts on the sigmoid score, the
+      quantity top-k ranks, so the logit's gradient is damped by s(1 - s) where the router is
+      confident; on the logit directly it overrode the consistency loss (bench-replica, 120 steps:
+      argmax/top-k agreement 0.63 vs 0.94, causal perplexity 9.92 vs 8.10 for straight-through).
+    * ``straight_through``: the selected entry carries ``1 + s - stopgrad(s)`` (s = sigmoid(z)): the
+      loss reaches only the selected expert's score ("scale this token's K/V"), not the others.
+    * ``aux_only``: no LM gradient; the router learns from the consistency loss alone.
+
+    Experts whose capacity share is 0 are never chosen outside top-k (so 1:0:0 decodes like the
+    original). costs: per-expert K/V per token as a fraction of native (most expensive first); the
+    budget policy keeps per-sequence running totals, reset by every forward that is not a decode
+    step. The router remembers its last logits and ids for the aux loss (``aux_loss()``) and the
+    cache (``last_ids``), and its last input only by weak reference (so K and V share one decision
+    without keeping the [B, L, D] activation alive).
     """
 
     def __init__(
@@ -122,22 +225,29 @@ class TokenRouter(nn.Module):
         context: RoutingContext,
         router_grad: str = "straight_through",
         random: bool = False,
+        *,
+        costs: list[float],
     ):
         super().__init__()
+        if len(costs) != len(capacity):
+            raise ValueError(f"{len(costs)} costs for {len(capacity)} experts")
         self.proj = nn.Linear(hidden_size, len(capacity))
         nn.init.kaiming_normal_(self.proj.weight, nonlinearity="relu")
         nn.init.zeros_(self.proj.bias)
         self.capacity = list(capacity)
+        self.costs = list(costs)
+        self.budget = sum(r * c for r, c in zip(capacity, costs))
         self.layer_idx = layer_idx
-        self.straight_through = router_grad == "straight_through"
-        # argmax never picks an expert the ratio gives no tokens (so 1:0:0 decodes like the original)
+        self.router_grad = router_grad
         self._no_capacity = torch.tensor([c == 0 for c in capacity])
         self.random = random
         if random:
             self.requires_grad_(False)
         object.__setattr__(self, "context", context)  # shared, not a submodule
-        self._last_input: torch.Tensor | None = None
+        self._last_input: weakref.ref | None = None
         self._last_gates: torch.Tensor | None = None
+        self._spent: torch.Tensor | None = None  # budget policy: [B] K/V spent, float64
+        self._tokens: torch.Tensor | None = None  # budget policy: [B] tokens routed
         self.last_logits: torch.Tensor | None = None
         self.last_ids: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
@@ -150,24 +260,44 @@ class TokenRouter(nn.Module):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, D] attention input -> gates [B, L, E]. Routed once per input tensor, so the K
         and V projections of one attention call share the decision."""
-        if x is self._last_input:
+        if self._last_input is not None and self._last_input() is x:
             return self._last_gates
         ctx = self.context
         logits = self.proj(x).float()
         mask = ctx.token_mask
         if mask is not None and mask.shape != x.shape[:2]:
             mask = None
-        mode = ctx.mode if ctx.mode != "auto" else ("argmax" if ctx.decoding else "topk")
+        mode = ctx.mode
+        if mode not in ROUTING_MODES or ctx.decode_policy not in DECODE_POLICIES:
+            raise ValueError(f"routing mode {mode!r} / decode policy {ctx.decode_policy!r}: choose from "
+                             f"{', '.join(ROUTING_MODES)} / {', '.join(DECODE_POLICIES)}")
+        if mode == "auto":
+            mode = "causal" if ctx.decoding else "topk"
+        if mode == "causal" and ctx.decode_policy == "argmax":
+            mode = "argmax"
+        if not ctx.decoding or self._spent is None or self._spent.shape[0] != x.shape[0]:
+            self._spent = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            self._tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         ids = self._assign(logits, mode, mask)
         gates = F.one_hot(ids, self.num_experts).to(logits.dtype)
-        if self.straight_through and not self.random and torch.is_grad_enabled():
-            s = torch.sigmoid(logits)
-            gates = gates + gates * (s - s.detach())  # value exactly one-hot, gradient d(gate)/ds = 1
-        self._last_input, self._last_gates = x, gates
+        if not self.random and torch.is_grad_enabled():
+            gates = self._with_gradient(gates, logits)
+        self._last_input, self._last_gates = weakref.ref(x), gates
         self.last_logits, self.last_ids, self.last_mask, self.last_topk = logits, ids, mask, mode == "topk"
         if ctx.stats is not None:
             self._record(ctx.stats, logits, ids, mask, mode)
         return gates
+
+    def _with_gradient(self, onehot: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The gates' value stays exactly ``onehot``; only their gradient depends on router_grad."""
+        if self.router_grad == "straight_through":
+            s = torch.sigmoid(logits)
+            return onehot + onehot * (s - s.detach())
+        if self.router_grad == "counterfactual":
+            s = torch.sigmoid(logits)
+            d = (s - s.detach()).masked_fill(self._no_capacity.to(logits.device), 0.0)
+            return onehot + d - onehot * d.sum(dim=-1, keepdim=True)
+        return onehot
 
     def _assign(self, logits: torch.Tensor, mode: str, mask: torch.Tensor | None) -> torch.Tensor:
         if mode == "fixed":
@@ -176,12 +306,18 @@ class TokenRouter(nn.Module):
             gen = self.context.generator
             if mode == "topk":
                 noise = torch.rand(logits.shape, generator=gen, device="cpu").to(logits.device)
-                return progressive_topk(noise, self.capacity, mask)
+                return progressive_topk(noise, self.capacity, self.costs, mask)
             probs = torch.tensor(self.capacity).expand(logits.shape[0] * logits.shape[1], -1)
-            return torch.multinomial(probs, 1, generator=gen).view(logits.shape[:2]).to(logits.device)
+            draws = torch.multinomial(probs, 1, generator=gen).view(logits.shape[:2]).to(logits.device)
+            if mode == "argmax":
+                return draws
+            logits = F.one_hot(draws, self.num_experts).float()  # the draw is the preference
         if mode == "topk":
-            return progressive_topk(torch.sigmoid(logits), self.capacity, mask)
-        return self.argmax(logits)
+            return progressive_topk(torch.sigmoid(logits), self.capacity, self.costs, mask)
+        if mode == "argmax":
+            return self.argmax(logits)
+        return budget_decode_route(logits.detach(), torch.tensor(self.costs), ~self._no_capacity, self.budget,
+                                   self._spent, self._tokens, mask)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Decode routing (eq. 3) over the experts that the ratio gives tokens: [B, L, E] -> [B, L]."""

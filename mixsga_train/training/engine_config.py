@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -28,13 +29,35 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict:
     }
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay; biases, norms and 1-d router biases do not."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def parameter_groups(model: nn.Module, cfg: TrainerConfig) -> list[dict]:
+    """AdamW groups: matrices decay; biases and norms do not; mixSGA routers (``*.router.*``) form
+    their own group at ``router_lr_mult * lr`` without weight decay (empty groups are left out).
+    The schedule scales every group's own lr by the same factor."""
+    decay, no_decay, router = [], [], []
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (router if ".router." in name else decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": router, "weight_decay": 0.0, "lr": cfg.lr * cfg.router_lr_mult, "name": "router"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def router_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The mixSGA routers' parameters by name (empty for other models)."""
+    return {name: param for name, param in model.named_parameters() if ".router." in name}
+
+
+def relative_change(before: dict[str, torch.Tensor], model: nn.Module) -> float | None:
+    """||W_now - W_before|| / ||W_before|| over the parameters in ``before`` (None if it is empty)."""
+    if not before:
+        return None
+    now = router_parameters(model)
+    diff = sum(float((now[n].detach().float().cpu() - w).pow(2).sum()) for n, w in before.items())
+    norm = sum(float(w.pow(2).sum()) for w in before.values())
+    return (diff / norm) ** 0.5 if norm else None
 
 
 def lr_schedule(cfg: TrainerConfig, total_steps: int):

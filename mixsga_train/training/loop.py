@@ -30,7 +30,7 @@ from ..config import TrainerConfig
 from ..tracking import Tracker
 from . import checkpoints
 from .distributed import Dist, all_gather_object, all_sum, barrier
-from .engine_config import deepspeed_config, lr_schedule, parameter_groups
+from .engine_config import deepspeed_config, lr_schedule, parameter_groups, relative_change, router_parameters
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class TrainResult:
     losses: the per-step loss curve (mean over the step's micro-batches and ranks), final_loss
     its last value; final_lm_loss: the same without the router aux loss. expert_tokens,
     routing_agree, routing_compared: mixSGA only, the training tokens routed to each expert and
-    how many top-k decisions argmax routing would have matched.
+    how many top-k decisions argmax routing would have matched; router_weight_change: relative
+    L2 change of the router weights from conversion to the end of training.
     """
 
     steps: int = 0
@@ -63,6 +64,7 @@ class TrainResult:
     expert_tokens: list[int] | None = None
     routing_agree: int = 0
     routing_compared: int = 0
+    router_weight_change: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -76,6 +78,7 @@ class TrainResult:
         return {
             "expert_fractions": [n / total if total else 0.0 for n in self.expert_tokens],
             "routing_agreement": self.routing_agree / self.routing_compared if self.routing_compared else None,
+            "router_weight_change": self.router_weight_change,
         }
 
 
@@ -174,9 +177,10 @@ def train(
     if cfg.train_only_routers:
         for name, param in model.named_parameters():
             param.requires_grad_(".router." in name)
+    routers_before = {name: p.detach().float().cpu().clone() for name, p in router_parameters(model).items()}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, cfg.weight_decay),
+        model_parameters=parameter_groups(model, cfg),
         config=deepspeed_config(cfg, dist.world_size),
         lr_scheduler=lr_schedule(cfg, steps),
     )
@@ -202,6 +206,7 @@ def train(
                     "rerun the same command with trainer.resume=auto to continue"
                 )
     model.eval()
+    result.router_weight_change = relative_change(routers_before, model)
     return result
 
 
