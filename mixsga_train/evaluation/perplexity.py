@@ -2,9 +2,9 @@
 
 mixSGA routing decides what perplexity means: ``topk`` routes each block by progressive top-k over
 the whole block (the paper's protocol; NOT causal: the expert of token t depends on later tokens, so
-the prediction at t sees the future), ``argmax`` routes every token by its own router scores (causal,
-what streaming decoding sees). ``CAUSAL_MODE`` is the mode of the headline perplexity. Other models
-ignore ``routing``.
+the prediction at t sees the future), ``causal`` routes every token in order by the configured decode
+policy (what streaming decoding sees; the headline, ``CAUSAL_MODE``), ``argmax`` by each token's own
+router scores alone (the paper's eq. 3). Other models ignore ``routing``.
 """
 
 from __future__ import annotations
