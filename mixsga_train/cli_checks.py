@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:

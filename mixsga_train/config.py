@@ -1,5 +1,5 @@
 """The whole run as typed dataclasses: what Hydra composes is checked here, before any model or
-data is loaded. Each group of ``conf/`` maps to one dataclass."""
+data is loaded. Each group of ``mixsga_train/conf/`` maps to one dataclass."""
 
 from __future__ import annotations
 

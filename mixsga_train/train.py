@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .cli_checks import CONF_DIR, check_group_choices
+from .cli_checks import check_group_choices
 from .config import to_run_config
 from .errors import ConfigError, DataError
 from .run_dir import refuse_finished
@@ -33,7 +33,7 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     try:
         run_cfg = to_run_config(cfg)

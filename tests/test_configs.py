@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from mixsga_train.config import to_run_config
 from mixsga_train.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "mixsga_train" / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 
 
