@@ -17,11 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .cli_checks import check_group_choices
-from .config import to_run_config
 from .errors import ConfigError, DataError
 from .run_dir import refuse_finished
-from .training.distributed import launcher_rank, worker_overrides
-from .training.loop import TrainingDiverged, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +32,12 @@ def fail(message: str, code: int) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    # torch, transformers and DeepSpeed take seconds to import: only here, after Hydra has
+    # answered --help / --cfg, and the pipeline itself only after the config validated.
+    from .config import to_run_config
+    from .training.distributed import launcher_rank
+    from .training.loop import TrainingDiverged, TrainingInterrupted
+
     try:
         run_cfg = to_run_config(cfg)
         resolved = run_cfg.validate()
@@ -42,7 +45,7 @@ def _main(cfg: DictConfig) -> None:
         fail(str(err), EXIT_CONFIG)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     print(f"attention: {resolved.describe()}", flush=True)
-    from .pipeline import run  # heavy imports only after validation
+    from .pipeline import run
 
     try:
         metrics = run(run_cfg, resolved, run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -85,6 +88,8 @@ def main() -> None:
         refuse_finished(sys.argv[1:])
     except ConfigError as err:
         fail(str(err), EXIT_CONFIG)
+    from .training.distributed import worker_overrides
+
     sys.argv += worker_overrides()
     _main()
 

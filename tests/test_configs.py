@@ -72,3 +72,19 @@ def test_ratio_accepts_list_and_quoted_string(ratio):
 def test_type_errors_name_the_key():
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         to_run_config(composed(["trainer.max_steps=lots"]))
+
+
+@pytest.mark.parametrize("overrides, kv_heads, budget", [
+    ([], 2, 0.5),  # neither key: the paper's baseline, group size 2
+    (["attention.kv_heads=1"], 1, 0.25),
+    (["model=tiny_llama_mha8", "attention.kv_heads=2"], 2, 0.25),  # the case: 8 native KV heads
+    (["attention.budget=0.75"], 3, 0.75),
+])
+def test_gqa_user_key_wins_over_the_group_default(overrides, kv_heads, budget):
+    resolved = to_run_config(composed(["attention=gqa", *overrides])).validate()  # tiny_llama: 4 KV heads
+    assert (resolved.expert_kv_heads, resolved.kv_budget) == ([kv_heads], pytest.approx(budget))
+
+
+def test_gqa_refuses_kv_heads_and_budget_that_disagree():
+    with pytest.raises(ConfigError, match="attention.budget: 0.5 disagrees with kv_heads=1"):
+        to_run_config(composed(["attention=gqa", "attention.kv_heads=1", "attention.budget=0.5"])).validate()
