@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
-DOLLY = REPO.parent / "shared" / "data" / "dolly" / "dolly_head.jsonl"
+FIXTURES = REPO / "tests" / "fixtures"  # small excerpts of the real datasets, see fixtures/README.md
+WIKITEXT = FIXTURES / "wikitext-2"
+DOLLY = FIXTURES / "dolly" / "dolly_sample.jsonl"
 
 
 def run_cli(args: list[str], module: str = "mixsga_train.train", timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
