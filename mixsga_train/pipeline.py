@@ -149,7 +149,7 @@ def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: P
 
 
 def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before, after, result) -> dict:
-    """The metrics.json contract (design.md section 6)."""
+    """The metrics.json contract (docs/metrics.md)."""
     dtype = next(model.parameters()).dtype
     train_block = None
     if result is not None:
