@@ -12,6 +12,7 @@ from .attention.config import AttentionConfig, ResolvedAttention
 from .data.config import TaskConfig
 from .errors import ConfigError
 from .models.registry import ModelConfig
+from .sweep import SweepConfig
 
 PRECISIONS = ("fp32", "bf16")
 RESUME = ("never", "auto")
@@ -104,7 +105,8 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    """One run: model x attention x task x trainer x logger, plus the experiment label (W&B group) and seed."""
+    """One run: model x attention x task x trainer x logger, plus the experiment label (W&B group),
+    seed, and what a sweep reads from it (``sweep``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -113,6 +115,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment_name: str = "default"
     seed: int = 0
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> ResolvedAttention:
         """Check every group and their combination; returns the attention resolved for the model."""

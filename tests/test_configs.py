@@ -9,16 +9,16 @@ from mixsga_train.config import to_run_config
 from mixsga_train.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "mixsga_train" / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
 
 
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def composed(overrides):
+def composed(overrides, return_hydra_config=False):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def test_every_group_has_options():
@@ -88,3 +88,26 @@ def test_gqa_user_key_wins_over_the_group_default(overrides, kv_heads, budget):
 def test_gqa_refuses_kv_heads_and_budget_that_disagree():
     with pytest.raises(ConfigError, match="attention.budget: 0.5 disagrees with kv_heads=1"):
         to_run_config(composed(["attention=gqa", "attention.kv_heads=1", "attention.budget=0.5"])).validate()
+
+
+@pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_submitit_launcher_configs_compose(launcher, target):
+    cfg = composed([f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.hydra.launcher.timeout_min > 0
+
+
+@pytest.mark.parametrize("full_share, ratio", [(0.0, [0.0, 1.0, 0.0]), (0.1, [0.1, 0.7, 0.2]), (1 / 3, [1 / 3, 0.0, 2 / 3])])
+def test_optuna_ratio_search_stays_on_the_budget(full_share, ratio):
+    overrides = ["experiment=sweep_optuna_ratio", f"sweep.params.full_share={full_share}"]
+    sweeper = composed(overrides, return_hydra_config=True).hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.params["sweep.params.full_share"] == "interval(0.0, 0.3333)"
+    run = to_run_config(composed(overrides))
+    resolved = run.validate()
+    assert resolved.ratio == pytest.approx(ratio) and resolved.kv_budget == pytest.approx(0.5)
+    assert resolved.expert_kv_heads == [8, 4, 2]
+
+
+def test_optuna_ratio_outside_the_feasible_range_is_refused():
+    with pytest.raises(ConfigError, match="attention.ratio"):
+        to_run_config(composed(["experiment=sweep_optuna_ratio", "sweep.params.full_share=0.4"])).validate()
