@@ -34,6 +34,8 @@ class TrainerConfig:
     keep_checkpoints: how many complete checkpoints to keep. resume: ``auto`` continues the run
     directory from its last complete checkpoint; ``never`` refuses a directory that has one.
     log_every: optimizer steps between log lines. train_only_routers: freeze everything else.
+    eval_every: evaluate every N optimizer steps during training and track the numbers as curves
+    (0: only before and after training).
     """
 
     zero_stage: int = 2
@@ -56,6 +58,7 @@ class TrainerConfig:
     resume: str = "never"
     log_every: int = 10
     train_only_routers: bool = False
+    eval_every: int = 0
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -77,6 +80,8 @@ class TrainerConfig:
             raise ConfigError("trainer.betas", f"{self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("trainer.warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
+        if self.eval_every < 0:
+            raise ConfigError("trainer.eval_every", f"{self.eval_every} must be >= 0 (0: no evaluation during training)")
         if self.save_every < 0:
             raise ConfigError("trainer.save_every", f"{self.save_every} must be >= 0 (0: only at the end)")
         if self.resume not in RESUME:
@@ -85,21 +90,26 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking. backend: ``wandb`` or ``none``. mode: W&B ``offline`` (default: files
-    under the run directory, ``wandb sync`` later), ``online`` or ``disabled``. group defaults to
-    the experiment name; tags get the method and budget added."""
+    """Experiment tracking. backend: ``wandb`` or ``none``. project, entity, mode: W&B's; null
+    leaves them to the environment (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE), then to the defaults
+    ``mixsga-train`` and ``offline`` (files under the run directory, ``wandb sync`` later); mode may
+    be ``offline``, ``online`` or ``disabled``. group defaults to the experiment name; tags get the
+    method and budget added. samples: generations logged as a table after training (0: none)."""
 
     backend: str = "wandb"
-    project: str = "mixsga-train"
+    project: str | None = None
     entity: str | None = None
-    mode: str = "offline"
+    mode: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    samples: int = 4
 
     def validate(self) -> None:
         if self.backend not in LOGGERS:
             raise ConfigError("logger.backend", f"unknown {self.backend!r}; choose one of {', '.join(LOGGERS)}")
-        if self.mode not in WANDB_MODES:
+        if self.samples < 0:
+            raise ConfigError("logger.samples", f"{self.samples} must be >= 0 (0: no sample table)")
+        if self.mode is not None and self.mode not in WANDB_MODES:
             raise ConfigError("logger.mode", f"unknown {self.mode!r}; choose one of {', '.join(WANDB_MODES)}")
 
 

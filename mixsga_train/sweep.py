@@ -155,8 +155,36 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         lines, failed = summarise(sweep_dir, self._started)
         print("\n".join(lines), file=sys.stderr, flush=True)
+        key = OmegaConf.select(config, "sweep.objective", default=SweepConfig.objective)
+        try:
+            rows = curve_rows(sweep_dir, key)
+        except ConfigError:  # an objective key that is not in metrics.json: every job failed on it already
+            rows = []
+        if rows and "logger" in config:
+            from .tracking import start_tracker
+
+            tracker = start_tracker(config.logger, sweep_dir, f"{config.experiment_name}-summary", config.experiment_name,
+                                    ["sweep-summary"], {"sweep_dir": str(sweep_dir), "objective": key}, is_main=True,
+                                    job_type="sweep-summary", id_label="sweep_summary")
+            tracker.curve("budget_curve", rows, x="kv_budget", y=key, stroke="method")
+            tracker.finish()
         if failed:
             sys.exit(EXIT_SWEEP_FAILED)
+
+
+def curve_rows(sweep_dir: Path, key: str) -> list[dict]:
+    """One row per finished job of ``sweep_dir`` (sorted by method, then KV budget): what a
+    budget-curve table shows, with the sweep objective ``key`` as its own column."""
+    rows = []
+    for path in sweep_dir.glob(f"*/{METRICS_FILE}"):
+        m = json.loads(path.read_text())
+        rows.append({
+            "job": path.parent.name, "method": m["method"], "kv_budget": m["kv_budget"],
+            "ratio": ":".join(f"{r:.3g}" for r in m["ratio"] or []), "seed": m["seed"],
+            "ppl": m["eval"]["ppl"], "ppl_causal_routing": m["eval"]["ppl_causal_routing"],
+            "kv_bytes_per_token": m["kv_bytes_per_token"], key: objective(m, key),
+        })
+    return sorted(rows, key=lambda r: (r["method"], r["kv_budget"], r["job"]))
 
 
 def summarise(sweep_dir: Path, started: float) -> tuple[list[str], int]:
