@@ -111,3 +111,15 @@ def test_optuna_ratio_search_stays_on_the_budget(full_share, ratio):
 def test_optuna_ratio_outside_the_feasible_range_is_refused():
     with pytest.raises(ConfigError, match="attention.ratio"):
         to_run_config(composed(["experiment=sweep_optuna_ratio", "sweep.params.full_share=0.4"])).validate()
+
+
+def test_a_local_checkpoint_declares_its_kv_heads_and_layers_through_config_json(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3).save_pretrained(tmp_path)
+    local = ["model.source=local", f"model.path={tmp_path}", "model.name=mine", "attention=mixsga", "attention.ratio=[1,1]",
+             "attention.expert_kv_heads=[2,1]"]
+    resolved = to_run_config(composed(local)).validate()
+    assert (resolved.native_kv_heads, resolved.num_layers, resolved.expert_kv_heads) == (2, 3, [2, 1])
+    declared = to_run_config(composed([*local, "+model.native_kv_heads=2", "+model.num_layers=3"])).validate()
+    assert declared == resolved
