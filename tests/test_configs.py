@@ -123,3 +123,35 @@ def test_a_local_checkpoint_declares_its_kv_heads_and_layers_through_config_json
     assert (resolved.native_kv_heads, resolved.num_layers, resolved.expert_kv_heads) == (2, 3, [2, 1])
     declared = to_run_config(composed([*local, "+model.native_kv_heads=2", "+model.num_layers=3"])).validate()
     assert declared == resolved
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_user_config_dirs_are_accepted_by_the_group_check(how, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from mixsga_train import train
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_llama.yaml").write_text((CONF / "model" / "tiny_llama.yaml").read_text().replace("tiny-llama", "mine"))
+    where = ["--config-dir", str(tmp_path)] if how == "--config-dir" else [f"hydra.searchpath=[file://{tmp_path}]"]
+    monkeypatch.setattr(sys, "argv", ["mixsga-train", *where, "model=my_llama", "--cfg", "job"])
+    train.main()
+    assert "name: mine" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["mixsga-train", *where, "model=my_lama", "--cfg", "job"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model: unknown option 'my_lama'; available: " in err and "my_llama" in err and "tiny_llama" in err
+
+
+def test_evaluate_overrides_take_group_choices_then_keys():
+    from mixsga_train.evaluate import apply_overrides
+
+    saved = composed(["experiment=smoke_lm"])
+    cfg = apply_overrides(saved, ["task=dolly", "task.max_new_tokens=8", "seed=3"])
+    assert (cfg.task.name, cfg.task.kind, cfg.task.max_new_tokens, cfg.seed) == ("dolly", "sft", 8, 3)
+    assert cfg.task.split_sizes == composed(["task=dolly"]).task.split_sizes  # the shipped option, whole
+    assert cfg.model == saved.model
+    with pytest.raises(ConfigError, match="task: unknown option 'doly'"):
+        apply_overrides(saved, ["task=doly"])
