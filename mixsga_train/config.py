@@ -81,7 +81,7 @@ class TrainerConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("trainer.warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
         if self.eval_every < 0:
-            raise ConfigError("trainer.eval_every", f"{self.eval_every} must be >= 0 (0: no evaluation during training)")
+            raise ConfigError("trainer.eval_every", f"{self.eval_every} must be >= 0 (0: none during training)")
         if self.save_every < 0:
             raise ConfigError("trainer.save_every", f"{self.save_every} must be >= 0 (0: only at the end)")
         if self.resume not in RESUME:

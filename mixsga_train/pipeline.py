@@ -120,7 +120,8 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     model.to(dist.device)
     log.info("%s", resolved.describe())
     name = run_name(resolved.method, resolved.kv_budget, resolved.ratio, cfg.seed)
-    tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main)
+    tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml,
+                            dist.is_main)
     before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
 
     last_step = total_steps(cfg.trainer, len(data.train), dist.world_size)
@@ -181,7 +182,8 @@ def generation_samples(model, tokenizer, data: TaskData, cfg: RunConfig) -> list
         examples = [EvalExample(tokenizer.decode(block[:half]), [tokenizer.decode(block[half:half + max_new])])
                     for block in data.eval_blocks[:n]]
     prompt_len = cfg.task.max_prompt_len if cfg.task.kind == "sft" else data.eval_blocks.shape[1]
-    result = generate_and_score(model, tokenizer, examples, max_new, cfg.trainer.eval_batch_size, prompt_len, seed=cfg.seed)
+    result = generate_and_score(model, tokenizer, examples, max_new, cfg.trainer.eval_batch_size, prompt_len,
+                                seed=cfg.seed)
     return [[ex.prompt, ex.references[0], pred] for ex, pred in zip(examples, result.predictions)]
 
 

@@ -163,8 +163,9 @@ class SweepSummary(Callback):
         if rows and "logger" in config:
             from .tracking import start_tracker
 
-            tracker = start_tracker(config.logger, sweep_dir, f"{config.experiment_name}-summary", config.experiment_name,
-                                    ["sweep-summary"], {"sweep_dir": str(sweep_dir), "objective": key}, is_main=True,
+            experiment = config.experiment_name
+            tracker = start_tracker(config.logger, sweep_dir, f"{experiment}-summary", experiment, ["sweep-summary"],
+                                    {"sweep_dir": str(sweep_dir), "objective": key}, is_main=True,
                                     job_type="sweep-summary", id_label="sweep_summary")
             tracker.curve("budget_curve", rows, x="kv_budget", y=key, stroke="method")
             tracker.finish()
@@ -190,7 +191,8 @@ def curve_rows(sweep_dir: Path, key: str) -> list[dict]:
 def summarise(sweep_dir: Path, started: float) -> tuple[list[str], int]:
     """Summary lines for the jobs under ``sweep_dir`` and the number that failed; a failed job is
     named by the overrides that set it apart from the sweep's other jobs."""
-    jobs = sorted((d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()), key=_job_order) if sweep_dir.is_dir() else []
+    folders = sweep_dir.iterdir() if sweep_dir.is_dir() else []
+    jobs = sorted((d for d in folders if (d / ".hydra").is_dir()), key=_job_order)
     failed = [d for d in jobs if (d / ERROR_FILE).is_file()]  # a job that starts again removes its error.json
     done = [d for d in jobs if (d / METRICS_FILE).is_file() and d not in failed]
     before = [d for d in done if (d / METRICS_FILE).stat().st_mtime < started]

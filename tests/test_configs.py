@@ -97,11 +97,12 @@ def test_submitit_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.hydra.launcher.timeout_min > 0
 
 
-@pytest.mark.parametrize("full_share, ratio", [(0.0, [0.0, 1.0, 0.0]), (0.1, [0.1, 0.7, 0.2]), (1 / 3, [1 / 3, 0.0, 2 / 3])])
+@pytest.mark.parametrize("full_share, ratio", [(0.0, [0, 1, 0]), (0.1, [0.1, 0.7, 0.2]), (1 / 3, [1 / 3, 0, 2 / 3])])
 def test_optuna_ratio_search_stays_on_the_budget(full_share, ratio):
     overrides = ["experiment=sweep_optuna_ratio", f"sweep.params.full_share={full_share}"]
     sweeper = composed(overrides, return_hydra_config=True).hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.params["sweep.params.full_share"] == "interval(0.0, 0.3333)"
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert sweeper.params["sweep.params.full_share"] == "interval(0.0, 0.3333)"
     run = to_run_config(composed(overrides))
     resolved = run.validate()
     assert resolved.ratio == pytest.approx(ratio) and resolved.kv_budget == pytest.approx(0.5)
@@ -116,8 +117,10 @@ def test_optuna_ratio_outside_the_feasible_range_is_refused():
 def test_a_local_checkpoint_declares_its_kv_heads_and_layers_through_config_json(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3).save_pretrained(tmp_path)
-    local = ["model.source=local", f"model.path={tmp_path}", "model.name=mine", "attention=mixsga", "attention.ratio=[1,1]",
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3).save_pretrained(
+        tmp_path)
+    local = ["model.source=local", f"model.path={tmp_path}", "model.name=mine", "attention=mixsga",
+             "attention.ratio=[1,1]",
              "attention.expert_kv_heads=[2,1]"]
     resolved = to_run_config(composed(local)).validate()
     assert (resolved.native_kv_heads, resolved.num_layers, resolved.expert_kv_heads) == (2, 3, [2, 1])
@@ -132,7 +135,8 @@ def test_user_config_dirs_are_accepted_by_the_group_check(how, tmp_path, monkeyp
     from mixsga_train import train
 
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "my_llama.yaml").write_text((CONF / "model" / "tiny_llama.yaml").read_text().replace("tiny-llama", "mine"))
+    shipped = (CONF / "model" / "tiny_llama.yaml").read_text()
+    (tmp_path / "model" / "my_llama.yaml").write_text(shipped.replace("tiny-llama", "mine"))
     where = ["--config-dir", str(tmp_path)] if how == "--config-dir" else [f"hydra.searchpath=[file://{tmp_path}]"]
     monkeypatch.setattr(sys, "argv", ["mixsga-train", *where, "model=my_llama", "--cfg", "job"])
     train.main()

@@ -42,8 +42,8 @@ def run_record(recs: list[dict]) -> dict:
 def test_a_sweep_logs_named_runs_eval_curves_samples_a_summary_chart_and_reevaluations(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_PROJECT": "from-env"}
     proc = run_cli(["-m", "experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "logger=wandb", "attention=gqa",
-                    "attention.kv_heads=1,2", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_before=false",
-                    "logger.samples=2", f"hydra.sweep.dir={tmp_path}"], env_extra=env)
+                    "attention.kv_heads=1,2", "trainer.max_steps=4", "trainer.eval_every=2",
+                    "trainer.eval_before=false", "logger.samples=2", f"hydra.sweep.dir={tmp_path}"], env_extra=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     for job, kv_heads, name in (("0", 1, "gqa-25%-s0"), ("1", 2, "gqa-50%-s0")):
@@ -51,7 +51,8 @@ def test_a_sweep_logs_named_runs_eval_curves_samples_a_summary_chart_and_reevalu
         assert m["expert_kv_heads"] == [kv_heads]
         (recs,) = offline_runs(tmp_path / job).values()
         run = run_record(recs)
-        assert (run["display_name"], run["project"], run["run_group"], run["job_type"]) == (name, "from-env", "smoke_lm", "train")
+        identity = (run["display_name"], run["project"], run["run_group"], run["job_type"])
+        assert identity == (name, "from-env", "smoke_lm", "train")
         assert sorted(run["tags"]) == ["budget:0.250" if kv_heads == 1 else "budget:0.500", "method:gqa"]
         curve = {row["_step"]: row["eval/ppl"] for row in history(recs) if "eval/ppl" in row}
         assert sorted(curve) == [2, 4] and curve[4] == pytest.approx(m["eval"]["ppl"])  # during and after training
@@ -63,14 +64,16 @@ def test_a_sweep_logs_named_runs_eval_curves_samples_a_summary_chart_and_reevalu
         assert table["columns"] == ["prompt", "reference", "generation"] and len(table["data"]) == 2
 
     (summary,) = offline_runs(tmp_path).values()  # the sweep's summary run, in the sweep directory
-    assert (run_record(summary)["display_name"], run_record(summary)["job_type"]) == ("smoke_lm-summary", "sweep-summary")
+    assert (run_record(summary)["display_name"], run_record(summary)["job_type"]) == ("smoke_lm-summary",
+                                                                                      "sweep-summary")
     logged = next(row for row in history(summary) if "budget_curve.path" in row)
     assert logged["budget_curve.nrows"] == 2 and "budget_curve_chart_table.path" in logged
     table_file = next((tmp_path / "wandb").glob(f"offline-run-*/files/{logged['budget_curve.path']}"))
     table = json.loads(table_file.read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    jobs = [metrics(tmp_path / j) for j in "01"]
     assert [(r["kv_budget"], r["eval.ppl_causal_routing"]) for r in rows] == [
-        (metrics(tmp_path / j)["kv_budget"], pytest.approx(metrics(tmp_path / j)["eval"]["ppl_causal_routing"])) for j in "01"
+        (m["kv_budget"], pytest.approx(m["eval"]["ppl_causal_routing"])) for m in jobs
     ]
 
     again = run_cli([str(tmp_path / "0"), "task=shakespeare", "task.seq_len=80", "task.max_eval_tokens=800", "--name",
