@@ -28,7 +28,7 @@ test-all: setup
 train: setup
 	$(PY) -m mixsga_train.train experiment=quickstart $(ARGS)
 
-## any Hydra multirun: make sweep EXPERIMENT=sweep_budget_curve ARGS="model=tiny_llama"
+## any Hydra multirun: make sweep EXPERIMENT=sweep_budget_mixsga ARGS="model=tiny_llama"
 sweep: setup
 	$(PY) -m mixsga_train.train -m experiment=$(EXPERIMENT) $(ARGS)
 
@@ -45,6 +45,7 @@ wheel-check: setup
 	venv/bin/python -c 'import mixsga_train, sys; sys.exit(not mixsga_train.__file__.startswith(sys.prefix))'; \
 	venv/bin/mixsga-train experiment=quickstart --cfg job > job.yaml; \
 	grep -q '^experiment_name: quickstart' job.yaml; \
+	venv/bin/mixsga-train hydra/launcher=slurm --cfg hydra | grep -q 'submitit_launcher.SlurmLauncher'; \
 	echo "wheel-check: the installed mixsga-train composed experiment=quickstart from $$tmp"
 
 -include experiments/Makefile.inc
