@@ -1,5 +1,5 @@
 """The whole run as typed dataclasses: what Hydra composes is checked here, before any model or
-data is loaded. Each group of ``conf/`` maps to one dataclass."""
+data is loaded. Each group of ``mixsga_train/conf/`` maps to one dataclass."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .attention.config import AttentionConfig, ResolvedAttention
 from .data.config import TaskConfig
 from .errors import ConfigError
 from .models.registry import ModelConfig
+from .sweep import SweepConfig
 
 PRECISIONS = ("fp32", "bf16")
 RESUME = ("never", "auto")
@@ -34,6 +35,8 @@ class TrainerConfig:
     directory from its last complete checkpoint; ``never`` refuses a directory that has one.
     log_every: optimizer steps between log lines. train_only_routers: freeze everything else.
     router_lr_mult: mixSGA routers train at router_lr_mult * lr, without weight decay.
+    eval_every: evaluate every N optimizer steps during training and track the numbers as curves
+    (0: only before and after training).
     """
 
     zero_stage: int = 2
@@ -57,6 +60,7 @@ class TrainerConfig:
     log_every: int = 10
     train_only_routers: bool = False
     router_lr_mult: float = 1.0
+    eval_every: int = 0
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -80,6 +84,8 @@ class TrainerConfig:
             raise ConfigError("trainer.betas", f"{self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("trainer.warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
+        if self.eval_every < 0:
+            raise ConfigError("trainer.eval_every", f"{self.eval_every} must be >= 0 (0: none during training)")
         if self.save_every < 0:
             raise ConfigError("trainer.save_every", f"{self.save_every} must be >= 0 (0: only at the end)")
         if self.resume not in RESUME:
@@ -88,27 +94,33 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking. backend: ``wandb`` or ``none``. mode: W&B ``offline`` (default: files
-    under the run directory, ``wandb sync`` later), ``online`` or ``disabled``. group defaults to
-    the experiment name; tags get the method and budget added."""
+    """Experiment tracking. backend: ``wandb`` or ``none``. project, entity, mode: W&B's; null
+    leaves them to the environment (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE), then to the defaults
+    ``mixsga-train`` and ``offline`` (files under the run directory, ``wandb sync`` later); mode may
+    be ``offline``, ``online`` or ``disabled``. group defaults to the experiment name; tags get the
+    method and budget added. samples: generations logged as a table after training (0: none)."""
 
     backend: str = "wandb"
-    project: str = "mixsga-train"
+    project: str | None = None
     entity: str | None = None
-    mode: str = "offline"
+    mode: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    samples: int = 4
 
     def validate(self) -> None:
         if self.backend not in LOGGERS:
             raise ConfigError("logger.backend", f"unknown {self.backend!r}; choose one of {', '.join(LOGGERS)}")
-        if self.mode not in WANDB_MODES:
+        if self.samples < 0:
+            raise ConfigError("logger.samples", f"{self.samples} must be >= 0 (0: no sample table)")
+        if self.mode is not None and self.mode not in WANDB_MODES:
             raise ConfigError("logger.mode", f"unknown {self.mode!r}; choose one of {', '.join(WANDB_MODES)}")
 
 
 @dataclass
 class RunConfig:
-    """One run: model x attention x task x trainer x logger, plus the experiment label (W&B group) and seed."""
+    """One run: model x attention x task x trainer x logger, plus the experiment label (W&B group),
+    seed, and what a sweep reads from it (``sweep``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -117,6 +129,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment_name: str = "default"
     seed: int = 0
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> ResolvedAttention:
         """Check every group and their combination; returns the attention resolved for the model."""
@@ -125,7 +138,8 @@ class RunConfig:
         self.trainer.validate()
         self.logger.validate()
         if self.model.native_kv_heads is None or self.model.num_layers is None:
-            raise ConfigError("model.native_kv_heads", "unknown; declare native_kv_heads and num_layers in the model config")
+            raise ConfigError("model.native_kv_heads", "unknown and no config.json to read it from (offline?); "
+                              "give model.native_kv_heads and model.num_layers")
         resolved = self.attention.resolve(self.model.native_kv_heads, self.model.num_layers)
         longest = self.task.seq_len if self.task.kind == "lm" else self.task.max_len
         key = "task.seq_len" if self.task.kind == "lm" else "task.max_len"

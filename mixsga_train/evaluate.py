@@ -1,8 +1,9 @@
 """``mixsga-evaluate`` / ``python -m mixsga_train.evaluate RUN_DIR [key=value ...]``: evaluate a
 finished (or checkpointed) run again, e.g. on other eval sets, without training.
 
-Reads the run's ``config.yaml``, applies the ``key=value`` overrides (OmegaConf dot-list, e.g.
-``task.eval_sets=[dolly_test,/data/extra.jsonl]``), loads ``RUN_DIR/model`` (or ``--checkpoint
+Reads the run's ``config.yaml``, applies the overrides: group choices (``task=dolly``) replace the
+whole group with the shipped option, then ``key=value`` (OmegaConf dot-list, e.g.
+``task.eval_sets=[dolly_test,/data/extra.jsonl]``) set single keys. Loads ``RUN_DIR/model`` (or ``--checkpoint
 DIR``) with ``load_converted`` and writes ``RUN_DIR/eval_<name>.json``. A checkpoint converted
 with another method or budget than the config says is refused.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .cli_checks import CONF_DIR, check_group_choices
 from .config import to_run_config
 from .errors import ConfigError, DataError
 
@@ -28,6 +30,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model directory (default: RUN_DIR/model)")
     parser.add_argument("--name", default="eval", help="output file name: RUN_DIR/<name>.json")
     return parser.parse_args(argv)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """``cfg`` with the group choices among ``overrides`` (``task=dolly``: the shipped
+    ``conf/task/dolly.yaml`` replaces ``cfg.task``) and then the ``key=value`` ones applied."""
+    groups = [o for o in overrides if "=" in o and (CONF_DIR / o.split("=", 1)[0]).is_dir()]
+    keys = [o for o in overrides if o not in groups]
+    if groups:
+        from hydra import compose, initialize_config_dir
+
+        check_group_choices(groups)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            chosen = compose(config_name="config", overrides=groups)
+        for group in (g.split("=", 1)[0] for g in groups):
+            cfg[group] = chosen[group]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(keys))
 
 
 def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
@@ -55,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         config_file = args.run_dir / "config.yaml"
         if not config_file.is_file():
             raise ConfigError("run_dir", f"{config_file} not found; give a run directory written by mixsga-train")
-        cfg = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(args.overrides))
+        cfg = apply_overrides(OmegaConf.load(config_file), args.overrides)
         run_cfg = to_run_config(cfg)
         resolved = run_cfg.validate()
         checkpoint = args.checkpoint or args.run_dir / "model"
@@ -79,8 +97,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     out = args.run_dir / f"{args.name}.json"
     write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
+    track_reevaluation(run_cfg, resolved, args, checkpoint, results)
     print(f"perplexity {results['ppl_causal_routing']:.3f} causal routing (top-k {results['ppl']:.3f}, non-causal); "
           f"KV bytes/real token {results['kv_bytes_per_token']:.1f}; written to {out}")
+
+
+def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: Path, results: dict) -> None:
+    """Log the re-evaluation as its own W&B run (job type ``evaluate``) in the run's group, when
+    the run's logger (or a ``logger=...`` override) tracks."""
+    from .pipeline import run_tags, track_eval
+    from .tracking import run_name, start_tracker
+
+    name = f"{run_name(resolved.method, resolved.kv_budget, resolved.ratio, run_cfg.seed)}-{args.name}"
+    config = {"run_dir": str(args.run_dir), "checkpoint": str(checkpoint), "overrides": args.overrides}
+    tracker = start_tracker(run_cfg.logger, args.run_dir, name, run_cfg.experiment_name, run_tags(resolved), config,
+                            is_main=True, job_type="evaluate", id_label=args.name)
+    track_eval(tracker, args.name, results, 0)
+    tracker.summary({args.name: results})
+    tracker.finish()
 
 
 if __name__ == "__main__":

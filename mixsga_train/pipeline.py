@@ -19,16 +19,17 @@ from .attention import convert_model
 from .attention.config import ResolvedAttention
 from .config import RunConfig
 from .data.config import TaskConfig
-from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
+from .data.instructions import EvalExample, SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
 from .data.text import LMBlockDataset, TextSplit, lm_blocks, load_text_splits
+from .evaluation.generation import generate_and_score
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.perplexity import scored_words
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
 from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
-from .tracking import start_tracker
+from .tracking import run_name, start_tracker
 from .training.distributed import Dist, init_distributed
-from .training.loop import train
+from .training.loop import total_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,23 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     convert_model(model, resolved)
     model.to(dist.device)
     log.info("%s", resolved.describe())
-    tracker = start_tracker(cfg.logger, run_dir, run_dir.name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main)
+    name = run_name(resolved.method, resolved.kv_budget, resolved.ratio, cfg.seed)
+    tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml,
+                            dist.is_main)
     before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
-    result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
+
+    last_step = total_steps(cfg.trainer, len(data.train), dist.world_size)
+
+    def evaluate_during_training(step: int) -> None:  # the last step's evaluation follows training
+        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < last_step:
+            track_eval(tracker, "eval", evaluate(model, tokenizer, data, cfg), step)
+
+    result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step,
+                   on_step=evaluate_during_training)
     after = evaluate(model, tokenizer, data, cfg)
+    track_eval(tracker, "eval", after, result.steps if result is not None else 0)
+    if tracker.active and cfg.logger.samples:
+        tracker.table("samples", ["prompt", "reference", "generation"], generation_samples(model, tokenizer, data, cfg))
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
     if dist.is_main:
         model.save_pretrained(run_dir / "model")
@@ -144,12 +158,37 @@ def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: P
     before = evaluate(model, tokenizer, data, cfg)
     if dist.is_main:
         write_json_atomic(run_dir / EVAL_BEFORE, before)
-    tracker.log({f"eval_before/{k}": v for k, v in before.items() if isinstance(v, float)}, step=0)
+    track_eval(tracker, "eval_before", before, 0)
     return before
 
 
+def track_eval(tracker, prefix: str, results: dict, step: int) -> None:
+    """Log an evaluation's numbers (perplexities, KV bytes, ROUGE-L per set) as curves at ``step``."""
+    numbers = {f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers.update({f"{prefix}/rouge_l/{k}": v for k, v in (results.get("rouge_l") or {}).items()})
+    tracker.log(numbers, step=step)
+
+
+def generation_samples(model, tokenizer, data: TaskData, cfg: RunConfig) -> list[list[str]]:
+    """``logger.samples`` greedy generations for the W&B table, as rows [prompt, reference,
+    generation]: the first examples of the first eval set (SFT), or the first test blocks cut into
+    a prompt and its true continuation (LM)."""
+    n, max_new = cfg.logger.samples, cfg.task.max_new_tokens
+    if cfg.task.kind == "sft":
+        examples = list(next(iter(data.eval_sets.values())))[:n]
+    else:
+        half = data.eval_blocks.shape[1] // 2
+        max_new = min(max_new, data.eval_blocks.shape[1] - half)
+        examples = [EvalExample(tokenizer.decode(block[:half]), [tokenizer.decode(block[half:half + max_new])])
+                    for block in data.eval_blocks[:n]]
+    prompt_len = cfg.task.max_prompt_len if cfg.task.kind == "sft" else data.eval_blocks.shape[1]
+    result = generate_and_score(model, tokenizer, examples, max_new, cfg.trainer.eval_batch_size, prompt_len,
+                                seed=cfg.seed)
+    return [[ex.prompt, ex.references[0], pred] for ex, pred in zip(examples, result.predictions)]
+
+
 def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before, after, result) -> dict:
-    """The metrics.json contract (design.md section 6)."""
+    """The metrics.json contract (docs/metrics.md)."""
     dtype = next(model.parameters()).dtype
     train_block = None
     if result is not None:

@@ -4,7 +4,7 @@
 plus one entry per resume), ``eval_before.json`` (the evaluation before training, kept so a
 resumed run reports it too), ``checkpoints/`` (complete-or-invisible DeepSpeed checkpoints),
 ``model/`` (the final ``save_pretrained`` weights) and ``metrics.json`` (the contract of
-design.md section 6, written atomically, last: its presence means the run finished). Only
+docs/metrics.md, written atomically, last: its presence means the run finished). Only
 rank 0 writes them, except the checkpoints' per-rank shards.
 """
 

@@ -11,38 +11,53 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .cli_checks import CONF_DIR, check_group_choices
-from .config import to_run_config
+from .cli_checks import check_group_choices
 from .errors import ConfigError, DataError
 from .run_dir import refuse_finished
-from .training.distributed import launcher_rank, worker_overrides
-from .training.loop import TrainingDiverged, TrainingInterrupted
+from .sweep import JobFailed, in_multirun, run_job
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
+    """Print the one error line and end the run with ``code`` (a multirun records it and goes on)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    raise JobFailed(message, code)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> float | None:
+    """The Hydra task. In a multirun it returns the job's objective (sweep.objective) for the sweeper."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if in_multirun():
+        return run_job(cfg, run_dir, lambda: _run(cfg, run_dir), fail, EXIT_CONFIG, EXIT_INTERRUPTED)
+    _run(cfg, run_dir)
+    return None
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Validate, run the pipeline in ``run_dir``, print the summary; returns the metrics."""
+    # torch, transformers and DeepSpeed take seconds to import: only here, after Hydra has
+    # answered --help / --cfg, and the pipeline itself only after the config validated.
+    from .config import to_run_config
+    from .training.distributed import launcher_rank
+    from .training.loop import TrainingDiverged, TrainingInterrupted
+
     try:
         run_cfg = to_run_config(cfg)
         resolved = run_cfg.validate()
     except ConfigError as err:
         fail(str(err), EXIT_CONFIG)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     print(f"attention: {resolved.describe()}", flush=True)
-    from .pipeline import run  # heavy imports only after validation
+    from .pipeline import run
 
     try:
         metrics = run(run_cfg, resolved, run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -57,6 +72,7 @@ def _main(cfg: DictConfig) -> None:
              "rerun the same command with trainer.resume=auto", EXIT_INTERRUPTED)
     if launcher_rank() == 0:
         print(summary(metrics, run_dir), flush=True)
+    return metrics
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
@@ -93,6 +109,8 @@ def main() -> None:
         refuse_finished(sys.argv[1:])
     except ConfigError as err:
         fail(str(err), EXIT_CONFIG)
+    from .training.distributed import worker_overrides
+
     sys.argv += worker_overrides()
     _main()
 

@@ -6,7 +6,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -55,6 +54,8 @@ def init_distributed() -> Dist:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        import deepspeed  # imported here: it takes seconds, and `--help` should not wait for it
+
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)

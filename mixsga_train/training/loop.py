@@ -164,6 +164,7 @@ def train(
     tracker: Tracker,
     seed: int,
     resume_step: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``total_steps`` optimizer steps with DeepSpeed and return what happened.
 
@@ -171,7 +172,8 @@ def train(
     checkpoints.py). ``resume_step`` continues from that complete checkpoint: weights,
     optimizer, scheduler, RNG, data position and the result so far. NaN/inf loss raises
     TrainingDiverged before the step is applied; SIGINT/SIGTERM saves a checkpoint and raises
-    TrainingInterrupted.
+    TrainingInterrupted. ``on_step(step)`` runs after every optimizer step on every rank (e.g.
+    periodic evaluation); its forward passes do not count as training routing.
     """
     steps = total_steps(cfg, len(dataset), dist.world_size)
     if cfg.train_only_routers:
@@ -205,6 +207,10 @@ def train(
                     f"interrupted at step {step}; checkpoint saved in {root / checkpoints.tag(step)}; "
                     "rerun the same command with trainer.resume=auto to continue"
                 )
+            if on_step is not None:
+                on_step(step)
+                tally.take()
+                engine.train()
     model.eval()
     result.router_weight_change = relative_change(routers_before, model)
     return result
