@@ -24,7 +24,8 @@ from .data.text import LMBlockDataset, TextSplit, count_words, lm_blocks, load_t
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
-from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
+from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error,
+                      write_json_atomic)
 from .tracking import start_tracker
 from .training.distributed import Dist, init_distributed
 from .training.loop import train
@@ -105,7 +106,7 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     Every rank runs all of it (evaluation is replicated, so every rank computes the same
     metrics); only rank 0 writes files and tracks.
     """
-    resume_step = check_run_dir(run_dir, cfg.trainer.resume)
+    resume_step = check_run_dir(run_dir, cfg.trainer.resume, config_yaml)
     raw = read_task(cfg.task)
     model, tokenizer = load_model(cfg.model)
     data = load_task_data(cfg, tokenizer, raw)
@@ -119,17 +120,31 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     model.to(dist.device)
     log.info("%s", resolved.describe())
     tracker = start_tracker(cfg.logger, run_dir, run_dir.name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main)
-    before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
-    result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
+    if cfg.trainer.max_steps == 0:
+        print("trainer.max_steps=0: evaluation only, nothing is trained or checkpointed", flush=True)
+        before, result = None, None
+    else:
+        before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
+        result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
     after = evaluate(model, tokenizer, data, cfg)
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
     if dist.is_main:
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
+        save_model(model, tokenizer, run_dir / "model")
         write_json_atomic(run_dir / METRICS, metrics)
     tracker.summary(metrics)
     tracker.finish()
     return metrics
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of the model and tokenizer; a failed write (disk full) is one line naming the folder."""
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except (OSError, RuntimeError) as err:
+        if not isinstance(err, OSError) and "inline_container" not in str(err):
+            raise
+        raise storage_error(folder, err if isinstance(err, OSError) else OSError(str(err))) from None
 
 
 def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None,
