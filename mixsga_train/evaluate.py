@@ -3,8 +3,10 @@ finished (or checkpointed) run again, e.g. on other eval sets, without training.
 
 Reads the run's ``config.yaml``, applies the ``key=value`` overrides (OmegaConf dot-list, e.g.
 ``task.eval_sets=[dolly_test,/data/extra.jsonl]``), loads ``RUN_DIR/model`` (or ``--checkpoint
-DIR``) with ``load_converted`` and writes ``RUN_DIR/eval_<name>.json``. A checkpoint converted
-with another method or budget than the config says is refused.
+DIR``) with ``load_converted`` and writes ``RUN_DIR/<name>.json`` (``--name``, default ``eval``). A
+checkpoint converted with another method or budget than the config says is refused, and so is a
+name the run already uses (``metrics``, ``eval_before``, ..., or an earlier evaluation's): finished
+results are never overwritten.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import to_run_config
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, StorageError
+from .run_dir import check_output_name, write_json_atomic
 
 EXIT_CONFIG = 2
 
@@ -26,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("run_dir", type=Path, help="a run directory written by mixsga-train")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model directory (default: RUN_DIR/model)")
-    parser.add_argument("--name", default="eval", help="output file name: RUN_DIR/<name>.json")
+    parser.add_argument("--name", default="eval", help="output file name: RUN_DIR/<name>.json (a new name)")
     return parser.parse_args(argv)
 
 
@@ -49,23 +54,32 @@ def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
         )
 
 
+def read_config(config_file: Path, overrides: list[str]):
+    """The run's saved config with ``key=value`` overrides; unreadable YAML or a bad override is a ConfigError."""
+    try:
+        return OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+        raise ConfigError(str(config_file), f"cannot read it with the overrides {overrides} "
+                                            f"({str(err).strip().splitlines()[0]}); fix the file or the override") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config_file = args.run_dir / "config.yaml"
         if not config_file.is_file():
             raise ConfigError("run_dir", f"{config_file} not found; give a run directory written by mixsga-train")
-        cfg = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(args.overrides))
+        cfg = read_config(config_file, args.overrides)
         run_cfg = to_run_config(cfg)
         resolved = run_cfg.validate()
         checkpoint = args.checkpoint or args.run_dir / "model"
         check_checkpoint_matches(checkpoint, resolved)
+        out = check_output_name(args.run_dir, args.name)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     from .attention.persistence import load_converted
     from .pipeline import evaluate, load_task_data
-    from .run_dir import write_json_atomic
     from transformers import AutoTokenizer
 
     try:
@@ -77,8 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    out = args.run_dir / f"{args.name}.json"
-    write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
+    try:
+        check_output_name(args.run_dir, args.name)  # again: another evaluation may have written it meanwhile
+        write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
+    except (ConfigError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     print(f"perplexity {results['ppl']:.3f} (causal routing {results['ppl_causal_routing']:.3f}); "
           f"KV bytes/token {results['kv_bytes_per_token']:.1f}; written to {out}")
 

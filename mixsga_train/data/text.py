@@ -50,7 +50,7 @@ def load_text_splits(cfg: TaskConfig) -> dict[str, TextSplit]:
         splits = _package_splits(cfg.package)
     else:
         splits = _hub_splits(*cfg.hub_source())
-    for split in splits.values():
+    for split in (splits["valid"], splits["test"], splits["train"]):
         if not split.text.strip():
             raise DataError(f"{split.origin}: blank (no text, only whitespace); every split needs text to train or evaluate on")
     return splits
