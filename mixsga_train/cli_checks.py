@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -18,7 +19,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Hydra's command-line flags that this pre-check understands; with any other flag (--cfg, --help,
 # --config-dir, ...) Hydra alone reads the command line.
 RUN_FLAGS = ("-r", "--run")
-MULTIRUN_FLAGS = ("-m", "--multirun")
+
+# ``${run_id:}`` in ``hydra.run.dir``: six random hex digits, the same wherever one composed config
+# (and Hydra's per-job copies of it) resolves it, so two runs started in the same second differ.
+OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -106,6 +110,9 @@ def check_override_syntax(overrides: list[str]) -> None:
 def _composition_error(err: Exception, conf_dir: Path) -> ConfigError:
     message = str(err)
     unknown = re.match(r"Could not override '([^']+)'", message)
+    if unknown and _in_schema(unknown.group(1)):
+        key = unknown.group(1)
+        return ConfigError(key, f"a setting the shipped YAML leaves at its default; set it with +{key}=...")
     if unknown:
         key = unknown.group(1)
         hint = _did_you_mean(key, _known_keys(conf_dir))
@@ -121,6 +128,13 @@ def _composition_error(err: Exception, conf_dir: Path) -> ConfigError:
     if message.startswith("Ambiguous value"):
         return ConfigError("config", f"{_first_line(err)}; a comma-separated value is a sweep: add --multirun (-m)")
     return ConfigError("config", _first_line(err))
+
+
+def _in_schema(key: str) -> bool:
+    """True when ``key`` is a field of the typed run config (``RunConfig``), present in YAML or not."""
+    from .config import RunConfig
+
+    return OmegaConf.select(OmegaConf.structured(RunConfig), key, default="__absent__") != "__absent__"
 
 
 def _known_keys(conf_dir: Path) -> list[str]:

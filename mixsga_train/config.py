@@ -134,6 +134,8 @@ class RunConfig:
             if not 0 <= value < SEED_RANGE:
                 raise ConfigError(key, f"{value} is outside [0, 2**32); use a smaller non-negative seed")
         self.model.validate()
+        if self.model.source == "local" and self.model.path:
+            refuse_converted(Path(self.model.path).expanduser())
         self.task.validate()
         self.trainer.validate()
         self.logger.validate()
@@ -153,8 +155,6 @@ class RunConfig:
                 f"max_prompt_len={self.task.max_prompt_len} + max_new_tokens={self.task.max_new_tokens} = {generated} "
                 f"exceeds model.max_seq_len={self.model.max_seq_len} for {self.model.name}; lower one of them",
             )
-        if self.model.source == "local" and self.model.path:
-            refuse_converted(Path(self.model.path).expanduser())
         return resolved
 
 

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import platform
-import secrets
 import shutil
 import subprocess
 from importlib import metadata
@@ -45,10 +44,6 @@ RESUMABLE_CHANGES = (
     "trainer.save_every", "trainer.keep_checkpoints", "task.eval_sets", "task.eval_max_examples", "task.max_new_tokens",
     "task.max_eval_tokens", "task.stride", "attention.decode_kernel",
 )
-
-# ``${run_id:}`` in ``hydra.run.dir``: six random hex digits, the same wherever one composed config
-# (and Hydra's per-job copies of it) resolves it, so two runs started in the same second differ.
-OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 def refuse_finished(run_dir: Path) -> None:
@@ -82,12 +77,12 @@ def hold_run_dir(run_dir: Path):
         os.close(handle)  # closing the last descriptor releases the lock
 
 
-def check_run_dir(run_dir: Path, resume: str, requested: dict | None = None) -> int | None:
+def check_run_dir(run_dir: Path, resume: str, requested: dict | None = None, warn: bool = True) -> int | None:
     """Refuse to overwrite a finished run; return the checkpoint step to resume from (or None).
 
     Resuming: the newest intact checkpoint is used (a damaged newer one is skipped with one
-    warning), and ``requested`` (the resolved config of this command) must equal the run's
-    ``config.yaml`` but for ``RESUMABLE_CHANGES``. Nothing is written here.
+    warning, unless ``warn`` is off), and ``requested`` (the resolved config of this command)
+    must equal the run's ``config.yaml`` but for ``RESUMABLE_CHANGES``. Nothing is written here.
     """
     refuse_finished(run_dir)
     root = checkpoints.checkpoint_root(run_dir)
@@ -111,7 +106,7 @@ def check_run_dir(run_dir: Path, resume: str, requested: dict | None = None) -> 
             "trainer.resume",
             f"{root / checkpoints.tag(latest)} was written by {writers} processes, not {world_size}; resume with {writers} processes",
         )
-    if damaged:
+    if damaged and warn:
         log.warning("%s; resuming from the previous complete checkpoint, step %d", "; ".join(damaged), latest)
     return latest
 
@@ -124,7 +119,7 @@ def check_same_config(run_dir: Path, requested: dict) -> None:
         raise ConfigError("trainer.resume", f"{saved_file} is missing, so the checkpoint's config cannot be checked; "
                                             "start a new run directory")
     saved, wanted = _flatten(OmegaConf.to_container(OmegaConf.load(saved_file))), _flatten(requested)
-    changed = [key for key in sorted(saved.keys() | wanted.keys())
+    changed = [key for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k not in saved or k not in wanted, k))
                if saved.get(key, "(absent)") != wanted.get(key, "(absent)") and not _resumable(key)]
     if changed:
         shown = ", ".join(f"{k}={saved.get(k, '(absent)')} -> {wanted.get(k, '(absent)')}" for k in changed[:3])

@@ -24,7 +24,7 @@ from . import cli_checks
 from .cli_checks import CONF_DIR, check_group_choices
 from .config import to_run_config
 from .errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, ConfigError, DataError, StorageError
-from .run_dir import hold_run_dir, refuse_finished
+from .run_dir import check_run_dir, hold_run_dir, refuse_finished
 from .training.distributed import launcher_rank, worker_overrides
 from .training.loop import TrainingDiverged, TrainingInterrupted
 
@@ -122,16 +122,19 @@ def main() -> None:
 def prepare_single_run(argv: list[str]) -> Path | None:
     """For a single run: compose and validate the config as Hydra will, resolve the run directory
     (``${now:...}``, ``${run_id:}`` and other interpolations included), pin it on ``sys.argv`` so
-    Hydra uses that very directory, and refuse a finished one; all before anything is written.
+    Hydra uses that very directory, and refuse a finished one or a resume it cannot honour
+    (``check_run_dir``); all before anything is written.
     Returns the run directory (None for a multirun or Hydra flags such as ``--cfg``: Hydra alone)."""
     if not cli_checks.composable(argv):
         return None
     cfg = cli_checks.compose(argv)
-    to_run_config(cli_checks.job_config(cfg)).validate()
+    job = cli_checks.job_config(cfg)
+    run_cfg = to_run_config(job)
+    run_cfg.validate()
     run_dir = Path(str(cfg.hydra.run.dir))
     if "'" in str(run_dir) or "\\" in str(run_dir):
         raise ConfigError("hydra.run.dir", f"{run_dir} contains a quote or backslash; choose a plain path")
-    refuse_finished(run_dir)
+    check_run_dir(run_dir, run_cfg.trainer.resume, OmegaConf.to_container(job, resolve=True), warn=False)
     sys.argv = [arg for arg in sys.argv if not arg.lstrip("+").startswith("hydra.run.dir=")]
     sys.argv.append(f"hydra.run.dir='{run_dir}'")
     return run_dir

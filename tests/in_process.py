@@ -7,8 +7,15 @@ import pytest
 
 
 def run_train(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """``mixsga-train ARGV`` here; returns (exit code, stderr). A failing run leaves SIGINT/SIGTERM
-    ignored (the process is meant to be exiting): the test process gets its handlers back."""
+    """``mixsga-train ARGV`` here; returns (exit code, stderr)."""
+    code, _, stderr = run_train_output(argv, monkeypatch, capsys)
+    return code, stderr
+
+
+def run_train_output(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``mixsga-train ARGV`` here; returns (exit code, stdout, stderr). A failing run leaves
+    SIGINT/SIGTERM ignored (the process is meant to be exiting): the test process gets its
+    handlers back."""
     from mixsga_train import train
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -19,7 +26,8 @@ def run_train(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
 
 
 def error_lines(stderr: str) -> list[str]:
