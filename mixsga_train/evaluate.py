@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = read_config(config_file, args.overrides)
         run_cfg = to_run_config(cfg)
         resolved = run_cfg.validate()
-        out = check_output_name(args.run_dir, args.name)
         checkpoint = args.checkpoint or args.run_dir / "model"
         check_checkpoint_matches(checkpoint, resolved)
+        out = check_output_name(args.run_dir, args.name)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

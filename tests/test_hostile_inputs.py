@@ -144,9 +144,10 @@ def test_evaluate_refuses_names_the_run_uses(name, problem, tmp_path, capsys):
     saved_config(SMOKE_LM, run_dir)
     for stem in ("metrics", "eval_before", "provenance", "earlier"):
         (run_dir / f"{stem}.json").write_text(f'{{"{stem}": 1}}\n')
+    model = converted_model(tmp_path)  # mixSGA 3:1:6, as SMOKE_LM asks
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([str(run_dir), "--name", name])
+        evaluate.main([str(run_dir), "--name", name, "--checkpoint", str(model)])
     errors = error_lines(capsys.readouterr().err)
     assert exit_info.value.code == 2 and len(errors) == 1 and problem in errors[0], errors
     assert snapshot(tmp_path) == before
