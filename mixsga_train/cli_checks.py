@@ -19,6 +19,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Hydra's command-line flags that this pre-check understands; with any other flag (--cfg, --help,
 # --config-dir, ...) Hydra alone reads the command line.
 RUN_FLAGS = ("-r", "--run")
+MULTIRUN_FLAGS = ("-m", "--multirun")
 
 # ``${run_id:}`` in ``hydra.run.dir``: six random hex digits, the same wherever one composed config
 # (and Hydra's per-job copies of it) resolves it, so two runs started in the same second differ.
@@ -38,7 +39,8 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         options = sorted(p.stem for p in folder.glob("*.yaml"))
         for choice in _sweep_values(value):
             if choice not in options and choice != "null":
-                raise ConfigError(group, f"unknown option {choice!r}; available: {', '.join(options)}{_did_you_mean(choice, options)}")
+                hint = _did_you_mean(choice, options)
+                raise ConfigError(group, f"unknown option {choice!r}; available: {', '.join(options)}{hint}")
 
 
 def _sweep_values(value: str) -> list[str]:
@@ -53,12 +55,34 @@ def _did_you_mean(name: str, candidates) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def is_multirun(argv: list[str]) -> bool:
+    return any(arg in MULTIRUN_FLAGS or (arg.startswith("hydra.mode=") and "MULTIRUN" in arg) for arg in argv)
+
+
 def composable(argv: list[str]) -> bool:
-    """True when the command line is a single run this module can compose ahead of Hydra (no
-    multirun, no Hydra flags besides ``--run``)."""
-    if any(arg.startswith("hydra.mode=") and "MULTIRUN" in arg for arg in argv):
-        return False
-    return not any(arg.startswith("-") and arg not in RUN_FLAGS for arg in argv)
+    """True when this module can compose the command line ahead of Hydra: no Hydra flags besides
+    ``--run`` and ``--multirun`` (``--cfg``, ``--help``, ``--config-dir``, ... go to Hydra alone)."""
+    return not any(arg.startswith("-") and arg not in RUN_FLAGS + MULTIRUN_FLAGS for arg in argv)
+
+
+def first_of_sweeps(argv: list[str]) -> list[str]:
+    """The overrides of a multirun's first job (each sweep ``key=a,b`` / ``range`` / ``choice``
+    replaced by its first value): composing it finds a mistyped key before the sweep starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    check_override_syntax(overrides)
+    first = []
+    for arg, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if not override.is_sweep_override():
+            first.append(arg)
+            continue
+        try:
+            first.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
+        except (HydraException, StopIteration):
+            continue  # glob() and other sweeps that need the config: Hydra expands them itself
+    return first
 
 
 def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> DictConfig:
@@ -70,7 +94,7 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> DictConfig:
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException, OverrideParseException
 
-    overrides = [arg for arg in argv if arg not in RUN_FLAGS]
+    overrides = [arg for arg in argv if arg not in RUN_FLAGS + MULTIRUN_FLAGS]
     check_override_syntax(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):

@@ -83,7 +83,7 @@ class TrainerConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"trainer.{key}", f"{getattr(self, key)} must be >= 0 (0 turns it off)")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("trainer.min_lr_ratio", f"{self.min_lr_ratio} must be in [0, 1], a fraction of trainer.lr")
+            raise ConfigError("trainer.min_lr_ratio", f"{self.min_lr_ratio} must be in [0, 1] (a fraction of lr)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("trainer.betas", f"{self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not 0 <= self.warmup_ratio < 1:
@@ -179,12 +179,13 @@ def refuse_converted(path: Path) -> None:
     try:
         saved = json.loads(config_file.read_text()).get("mixsga") if config_file.is_file() else None
     except (OSError, ValueError, AttributeError):
-        raise ConfigError("model.path", f"{config_file} is not a readable JSON object; give a save_pretrained directory") from None
+        raise ConfigError("model.path", f"{config_file} is not a readable JSON object; "
+                                        "give a save_pretrained directory") from None
     if saved:
         raise ConfigError(
             "model.path",
-            f"{path} holds a model already converted by mixsga-train ({saved.get('method')}); loading it as a base model "
-            f"would drop its routers: evaluate it with `mixsga-evaluate RUN_DIR --checkpoint {path}`, "
+            f"{path} holds a model already converted by mixsga-train ({saved.get('method')}); loading it as a "
+            f"base model would drop its routers: evaluate it with `mixsga-evaluate RUN_DIR --checkpoint {path}`, "
             "or start from the unconverted base model",
         )
 

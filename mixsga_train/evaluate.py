@@ -59,8 +59,9 @@ def read_config(config_file: Path, overrides: list[str]):
     try:
         return OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(overrides))
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
-        raise ConfigError(str(config_file), f"cannot read it with the overrides {overrides} "
-                                            f"({str(err).strip().splitlines()[0]}); fix the file or the override") from None
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(str(config_file), f"cannot read it with the overrides {overrides} ({reason}); "
+                                            "fix the file or the override") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from .attention import convert_model
 from .attention.config import ResolvedAttention
@@ -24,7 +23,7 @@ from .data.text import LMBlockDataset, TextSplit, count_words, lm_blocks, load_t
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
-from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error,
+from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error, write_config,
                       write_json_atomic)
 from .tracking import start_tracker
 from .training.distributed import Dist, init_distributed
@@ -113,7 +112,7 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     dist = init_distributed()
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))
+        write_config(run_dir, config_yaml)
         record_provenance(run_dir, cfg.seed, resume_step)
     torch.manual_seed(cfg.seed)
     convert_model(model, resolved)

@@ -40,9 +40,9 @@ PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "hydra-core", "wan
 # Keys a resumed run may change: they affect logging, checkpoint cadence or evaluation only, never
 # the model, the data order or the optimisation (a key and everything under it).
 RESUMABLE_CHANGES = (
-    "logger", "experiment_name", "trainer.resume", "trainer.eval_batch_size", "trainer.eval_before", "trainer.log_every",
-    "trainer.save_every", "trainer.keep_checkpoints", "task.eval_sets", "task.eval_max_examples", "task.max_new_tokens",
-    "task.max_eval_tokens", "task.stride", "attention.decode_kernel",
+    "logger", "experiment_name", "trainer.resume", "trainer.eval_batch_size", "trainer.eval_before",
+    "trainer.log_every", "trainer.save_every", "trainer.keep_checkpoints", "task.eval_sets", "task.eval_max_examples",
+    "task.max_new_tokens", "task.max_eval_tokens", "task.stride", "attention.decode_kernel",
 )
 
 
@@ -69,7 +69,8 @@ def hold_run_dir(run_dir: Path):
     except BlockingIOError:
         os.close(handle)
         raise ConfigError(
-            "hydra.run.dir", f"{run_dir} is in use by another running mixsga-train; wait for it or choose another directory"
+            "hydra.run.dir",
+            f"{run_dir} is in use by another running mixsga-train; wait for it or choose another directory",
         ) from None
     try:
         yield run_dir
@@ -91,7 +92,9 @@ def check_run_dir(run_dir: Path, resume: str, requested: dict | None = None, war
         return None
     if resume != "auto":
         raise ConfigError(
-            "trainer.resume", f"{run_dir} has a checkpoint at step {newest}; pass trainer.resume=auto to continue it, or use another run dir"
+            "trainer.resume",
+            f"{run_dir} has a checkpoint at step {newest}; pass trainer.resume=auto to continue it, "
+            "or use another run dir",
         )
     latest, damaged = checkpoints.latest_intact(root)
     if latest is None:
@@ -148,13 +151,22 @@ def check_output_name(run_dir: Path, name: str) -> Path:
     """``RUN_DIR/<name>.json`` for ``mixsga-evaluate --name``: a plain name that no file of the
     run uses and no earlier evaluation wrote; ConfigError otherwise."""
     if not name or "/" in name or name.startswith(".") or name != name.strip():
-        raise ConfigError("--name", f"{name!r} must be a plain file name without '/' or a leading dot, e.g. eval_vicuna")
+        raise ConfigError("--name", f"{name!r} must be a plain file name (no '/', no leading dot), e.g. eval_vicuna")
     out = run_dir / f"{name}.json"
     if out.name in RUN_FILES or name in RUN_FILES:
         raise ConfigError("--name", f"{name!r} is a name the run itself uses ({out}); choose another, e.g. eval_{name}")
     if out.exists():
-        raise ConfigError("--name", f"{out} already exists; choose another --name (finished results are never overwritten)")
+        raise ConfigError("--name", f"{out} already exists; choose another --name (results are never overwritten)")
     return out
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """``config.yaml``: the resolved config of the run (what a resume is compared with)."""
+    path = run_dir / CONFIG
+    try:
+        path.write_text(OmegaConf.to_yaml(config))
+    except OSError as err:
+        raise storage_error(path, err) from None
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

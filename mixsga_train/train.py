@@ -31,8 +31,8 @@ from .training.loop import TrainingDiverged, TrainingInterrupted
 log = logging.getLogger(__name__)
 
 VERBOSE_FLAG = "--verbose"
-INTERRUPTED = ("interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, if any; "
-               "rerun the same command with trainer.resume=auto")
+INTERRUPTED = ("interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, "
+               "if any; rerun the same command with trainer.resume=auto")
 
 
 def fail(message: str, code: int, detail: str | None = None) -> None:
@@ -123,11 +123,19 @@ def prepare_single_run(argv: list[str]) -> Path | None:
     """For a single run: compose and validate the config as Hydra will, resolve the run directory
     (``${now:...}``, ``${run_id:}`` and other interpolations included), pin it on ``sys.argv`` so
     Hydra uses that very directory, and refuse a finished one or a resume it cannot honour
-    (``check_run_dir``); all before anything is written.
-    Returns the run directory (None for a multirun or Hydra flags such as ``--cfg``: Hydra alone)."""
+    (``check_run_dir``); all before anything is written. Returns the run directory.
+
+    A multirun: its first job's config is composed, so a mistyped key or group stops the sweep
+    before it starts; each job validates its own values and locks its own directory. Returns
+    None then, and with Hydra flags such as ``--cfg`` (Hydra alone)."""
     if not cli_checks.composable(argv):
         return None
+    if cli_checks.is_multirun(argv):
+        cli_checks.compose(cli_checks.first_of_sweeps(argv))
+        return None
     cfg = cli_checks.compose(argv)
+    if cfg.hydra.mode == RunMode.MULTIRUN:
+        return None
     job = cli_checks.job_config(cfg)
     run_cfg = to_run_config(job)
     run_cfg.validate()

@@ -102,7 +102,8 @@ def case_empty_jsonl(tmp_path):
 
 def case_empty_corpus(tmp_path):
     folder = corpus(tmp_path, valid="")
-    return [*SMOKE_LM, f"task.local_dir={folder}"], "load_model", f"{folder / 'valid.txt'}: blank", "every split needs text"
+    return ([*SMOKE_LM, f"task.local_dir={folder}"], "load_model", f"{folder / 'valid.txt'}: blank",
+            "every split needs text")
 
 
 def case_too_short_corpus(tmp_path):

@@ -22,6 +22,8 @@ from training_runs import command, run, start, wait_for_checkpoint
 
 SMOKE_LM = ["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "logger=none"]
 SMOKE_SFT = ["experiment=smoke_sft", f"task.jsonl={DOLLY}", "logger=none"]
+BUSY = ("error: hydra.run.dir: {run_dir} is in use by another running mixsga-train; "
+        "wait for it or choose another directory")
 
 
 class Reached(AssertionError):
@@ -29,7 +31,8 @@ class Reached(AssertionError):
 
 
 def snapshot(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def stop_at(monkeypatch, name: str) -> None:
@@ -66,7 +69,8 @@ def fake_checkpoint(root, step: int, **files: bytes) -> None:
     """A complete checkpoint ``step`` holding ``files`` (name -> bytes), marked as the trainer marks it."""
     folder = root / checkpoints.tag(step)
     folder.mkdir(parents=True)
-    for name, data in (files or {"mp_rank_00_model_states.pt": b"weights" * 10, "optim_states.pt": b"adam" * 10}).items():
+    files = files or {"mp_rank_00_model_states.pt": b"weights" * 10, "optim_states.pt": b"adam" * 10}
+    for name, data in files.items():
         (folder / name).write_bytes(data)
     checkpoints.mark_complete(root, step)
 
@@ -100,7 +104,7 @@ def test_a_busy_run_dir_is_refused_before_anything_is_touched(tmp_path, monkeypa
     stop_at(monkeypatch, "read_task")
     with hold_run_dir(run_dir):  # another run holds it
         error = one_error([*SMOKE_LM, f"hydra.run.dir={run_dir}"], monkeypatch, capsys)
-    assert error == f"error: hydra.run.dir: {run_dir} is in use by another running mixsga-train; wait for it or choose another directory"
+    assert error == BUSY.format(run_dir=run_dir)
     assert list(run_dir.iterdir()) == []  # not even Hydra's .hydra/
 
 
@@ -110,9 +114,7 @@ def test_a_busy_run_dir_is_refused_across_processes(tmp_path):
     run_dir = tmp_path / "run"
     with hold_run_dir(run_dir):
         proc = run(command(run_dir, "logger=none"), timeout=120)
-    assert proc.returncode == 2 and error_lines(proc.stderr) == [
-        f"error: hydra.run.dir: {run_dir} is in use by another running mixsga-train; wait for it or choose another directory"
-    ], proc.stderr[-2000:]
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [BUSY.format(run_dir=run_dir)], proc.stderr[-2000:]
     assert list(run_dir.iterdir()) == []
 
 
@@ -123,7 +125,8 @@ def test_an_interpolated_run_dir_of_a_finished_run_is_refused_before_hydra_write
     monkeypatch.setenv("HOSTILE_ROOT", str(tmp_path / "finished"))
     stop_at(monkeypatch, "read_task")
     error = one_error([*SMOKE_LM, "hydra.run.dir=${oc.env:HOSTILE_ROOT}/${experiment_name}"], monkeypatch, capsys)
-    assert error == f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); choose another directory or delete it"
+    assert error == (f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); "
+                     "choose another directory or delete it")
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json"]
 
 
@@ -166,7 +169,8 @@ def test_evaluate_refuses_names_the_run_uses(name, problem, tmp_path, capsys):
 def test_resume_with_another_config_is_refused_with_a_diff(change, diff, checkpointed_run, monkeypatch, capsys):
     before = snapshot(checkpointed_run)
     stop_at(monkeypatch, "read_task")
-    error = one_error([*SMOKE_LM, *change, f"hydra.run.dir={checkpointed_run}", "trainer.resume=auto"], monkeypatch, capsys)
+    argv = [*SMOKE_LM, *change, f"hydra.run.dir={checkpointed_run}", "trainer.resume=auto"]
+    error = one_error(argv, monkeypatch, capsys)
     assert error.startswith(f"error: trainer.resume: {checkpointed_run} was checkpointed with another config: ")
     assert diff in error and error.endswith("resume with the original values, or start a new run directory")
     assert {k: v for k, v in snapshot(checkpointed_run).items() if not k.startswith(".hydra")} == before
@@ -217,7 +221,8 @@ def test_a_damaged_newest_checkpoint_falls_back_with_one_warning(damage, reason,
     code, out, err = run_train_output([*SMOKE_LM, f"hydra.run.dir={checkpointed_run}", "trainer.resume=auto"],
                                       monkeypatch, capsys)
     assert code == 2 and error_lines(err) == ["error: stand-in: resuming from 4"], err[-3000:]
-    warning = f"{root / checkpoints.tag(8)} is damaged ({reason}); resuming from the previous complete checkpoint, step 4"
+    warning = (f"{root / checkpoints.tag(8)} is damaged ({reason}); "
+               "resuming from the previous complete checkpoint, step 4")
     assert (out + err).count(" is damaged (") == 1 and warning in out + err
     assert json.loads((checkpointed_run / "provenance.json").read_text()) == {"seed": 0}  # no resume entry
 
@@ -230,7 +235,8 @@ def test_no_intact_checkpoint_is_one_line(checkpointed_run, monkeypatch, capsys)
     error = one_error([*SMOKE_LM, f"hydra.run.dir={checkpointed_run}", "trainer.resume=auto"], monkeypatch, capsys)
     assert error.startswith("error: trainer.resume: no intact checkpoint to resume from: ")
     assert "step00000008 is damaged (mp_rank_00_model_states.pt has 5 bytes" in error
-    assert "step00000004 is damaged (optim_states.pt is missing)" in error and error.endswith("start a new run directory")
+    assert "step00000004 is damaged (optim_states.pt is missing)" in error
+    assert error.endswith("start a new run directory")
 
 
 # -- 4. Inputs that used to pass validation and crash later -------------------------------------------
@@ -277,12 +283,12 @@ VALIDATION = {
     "negative_weight_decay": numbers("trainer.weight_decay=-0.1", "trainer.weight_decay: -0.1 must be >= 0"),
     "zero_eps": numbers("+trainer.eps=0", "trainer.eps: 0.0 must be positive"),
     "min_lr_above_one": numbers("trainer.min_lr_ratio=2", "trainer.min_lr_ratio: 2.0 must be in [0, 1]"),
-    "huge_steps": numbers("trainer.max_steps=99999999999999999999", "trainer.max_steps: 99999999999999999999 is too large"),
+    "huge_steps": numbers("trainer.max_steps=99999999999999999999", "99999999999999999999 is too large (beyond int64)"),
     "negative_seed": numbers("seed=-1", "seed: -1 is outside [0, 2**32)"),
     "huge_seed": numbers("seed=4294967296", "seed: 4294967296 is outside [0, 2**32)"),
     "generation_beyond_positions": lambda tmp_path: (
         [*SMOKE_SFT, "task.max_new_tokens=200"],
-        "task.max_new_tokens: max_prompt_len=128 + max_new_tokens=200 = 328 exceeds model.max_seq_len=256 for tiny-llama"),
+        "task.max_new_tokens: max_prompt_len=128 + max_new_tokens=200 = 328 exceeds model.max_seq_len=256"),
     "converted_model_path": lambda tmp_path: (
         [*SMOKE_LM, "model.source=local", f"model.path={converted_model(tmp_path)}"],
         f"model.path: {tmp_path / 'converted'} holds a model already converted by mixsga-train (mixsga)"),
@@ -374,23 +380,27 @@ def test_a_utf8_bom_is_accepted_everywhere(suffix, tmp_path):
 
 
 HYDRA = [
-    (["trainer.max_stepz=3"], "error: trainer.max_stepz: no such key or config group; did you mean 'trainer.max_steps'? "
-                              "(to add a new key on purpose, write +trainer.max_stepz=...)"),
+    (["trainer.max_stepz=3"], "error: trainer.max_stepz: no such key or config group; did you mean "
+                              "'trainer.max_steps'? (to add a new key on purpose, write +trainer.max_stepz=...)"),
     (["modle=tiny_llama"], "error: modle: no such key or config group; did you mean 'model'?"),
     (["precison=bf16"], "error: precison: no such key or config group; did you mean 'precision'?"),
-    (["trainer.eps=1e-6"], "error: trainer.eps: a setting the shipped YAML leaves at its default; set it with +trainer.eps=..."),
+    (["trainer.eps=1e-6"], "error: trainer.eps: a setting the shipped YAML leaves at its default; "
+                           "set it with +trainer.eps=..."),
+    (["model=tiny_lama"], "error: model: unknown option 'tiny_lama'; available: gemma2_2b"),
     (["model=tiny_lama"], "; did you mean 'tiny_llama'?"),
     (["attention.ratio=[1,2"], "error: attention.ratio: cannot parse 'attention.ratio=[1,2' (no viable alternative"),
-    (["seed=1,2"], "error: config: Ambiguous value for argument 'seed=1,2'; a comma-separated value is a sweep: add --multirun"),
+    (["seed=1,2"], "error: config: Ambiguous value for argument 'seed=1,2'; "
+                   "a comma-separated value is a sweep: add --multirun"),
+    (["-m", "seed=1,2", "trainer.max_stepz=3,4"], "error: trainer.max_stepz: no such key or config group"),
 ]
 
 
-@pytest.mark.parametrize("argv, message", HYDRA, ids=[a[0] for a, _ in HYDRA])
+@pytest.mark.parametrize("argv, message", HYDRA, ids=[f"{' '.join(a)}|{m[-12:]}" for a, m in HYDRA])
 def test_hydra_errors_are_one_line_exit_2_with_did_you_mean(argv, message, tmp_path, monkeypatch, capsys):
-    run_dir = tmp_path / "run"
-    error = one_error([*argv, f"hydra.run.dir={run_dir}"], monkeypatch, capsys)
-    assert error.startswith(message) or message in error, error
-    assert not run_dir.exists()
+    run_dir, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    error = one_error([*argv, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={sweep_dir}"], monkeypatch, capsys)
+    assert message in error and (error.startswith(message) or not message.startswith("error: ")), error
+    assert not run_dir.exists() and not sweep_dir.exists()
 
 
 @pytest.mark.parametrize("how", ["--verbose", "HYDRA_FULL_ERROR=1"])
@@ -470,7 +480,8 @@ class FullDisk:
 
 @pytest.mark.parametrize("error", [
     OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: file write failed"),
+    RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: "
+                 "file write failed"),
 ], ids=["ENOSPC", "torch_inline_container"])
 def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(error, tmp_path):
     import torch

@@ -52,7 +52,8 @@ def load_text_splits(cfg: TaskConfig) -> dict[str, TextSplit]:
         splits = _hub_splits(*cfg.hub_source())
     for split in (splits["valid"], splits["test"], splits["train"]):
         if not split.text.strip():
-            raise DataError(f"{split.origin}: blank (no text, only whitespace); every split needs text to train or evaluate on")
+            raise DataError(f"{split.origin}: blank (no text, only whitespace); "
+                            "every split needs text to train or evaluate on")
     return splits
 
 

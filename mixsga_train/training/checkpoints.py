@@ -131,7 +131,8 @@ def write_failure(root: Path, step: int, err: Exception) -> StorageError:
     last = latest_complete(root)
     needed = size_bytes(root, last) if last is not None else 0
     need = f", the last checkpoint took {needed / 2**20:.0f} MiB" if needed else ""
-    kept = f"the last complete checkpoint {root / tag(last)} is kept" if last is not None else "no complete checkpoint exists yet"
-    reason = "no space left on device" if getattr(err, "errno", None) == errno.ENOSPC or usage.free < needed else "the write failed"
+    kept = f"the last complete checkpoint {root / tag(last)} is kept" if last is not None else "none is complete yet"
+    full = getattr(err, "errno", None) == errno.ENOSPC or usage.free < needed
+    reason = "no space left on device" if full else "the write failed"
     return StorageError(f"{target}: {reason} ({usage.free / 2**20:.0f} MiB free{need}); {kept}; free some space and "
                         "rerun with trainer.resume=auto")
