@@ -32,9 +32,10 @@ def mark_complete(root: Path, step: int, world_size: int = 1) -> None:
     after a barrier). The marker lists every file with its size, so a file truncated or lost
     later is noticed before resuming (``damage``)."""
     folder = root / tag(step)
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     target = folder / MARKER
     tmp = target.with_suffix(".tmp")
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p not in (target, tmp)}
     tmp.write_text(json.dumps({"step": step, "world_size": world_size, "files": files}))
     os.replace(tmp, target)
 
