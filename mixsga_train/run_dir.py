@@ -59,6 +59,8 @@ def hold_run_dir(run_dir: Path):
     """Own ``run_dir`` while the block runs: an exclusive ``flock`` on the directory itself (no
     file is added), released when the block ends or the process dies. A directory another live
     run holds is refused in one line. Multi-process runs: only rank 0 holds it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("hydra.run.dir", f"{run_dir} is a file, not a directory; choose a directory path")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = os.open(run_dir, os.O_RDONLY)
@@ -72,6 +74,8 @@ def hold_run_dir(run_dir: Path):
             "hydra.run.dir",
             f"{run_dir} is in use by another running mixsga-train; wait for it or choose another directory",
         ) from None
+    except OSError as err:  # a file system without flock (some network mounts): run, unprotected
+        log.warning("%s: cannot be locked (%s); nothing stops a second run from using it", run_dir, err.strerror)
     try:
         yield run_dir
     finally:

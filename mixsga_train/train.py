@@ -139,6 +139,8 @@ def prepare_single_run(argv: list[str]) -> Path | None:
     job = cli_checks.job_config(cfg)
     run_cfg = to_run_config(job)
     run_cfg.validate()
+    if not str(cfg.hydra.run.dir).strip():
+        raise ConfigError("hydra.run.dir", "is empty; give a directory for the run, e.g. hydra.run.dir=outputs/my_run")
     run_dir = Path(str(cfg.hydra.run.dir))
     if "'" in str(run_dir) or "\\" in str(run_dir):
         raise ConfigError("hydra.run.dir", f"{run_dir} contains a quote or backslash; choose a plain path")

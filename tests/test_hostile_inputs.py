@@ -130,6 +130,19 @@ def test_an_interpolated_run_dir_of_a_finished_run_is_refused_before_hydra_write
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json"]
 
 
+@pytest.mark.parametrize("run_dir, message", [
+    ("", "hydra.run.dir: is empty; give a directory for the run"),
+    ("a_file", "is a file, not a directory; choose a directory path"),
+])
+def test_a_run_dir_that_is_no_directory_is_refused(run_dir, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a run\n")
+    monkeypatch.chdir(tmp_path)
+    stop_at(monkeypatch, "read_task")
+    error = one_error([*SMOKE_LM, f"hydra.run.dir={run_dir}"], monkeypatch, capsys)
+    assert message in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written into the working directory
+
+
 # -- 2. Finished work is never overwritten ------------------------------------------------------------
 
 
