@@ -20,10 +20,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import to_run_config
-from .errors import ConfigError, DataError, StorageError
+from .errors import EXIT_CONFIG, ConfigError, DataError, StorageError
 from .run_dir import check_output_name, write_json_atomic
-
-EXIT_CONFIG = 2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

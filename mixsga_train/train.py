@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import cli_checks
 from .cli_checks import CONF_DIR, check_group_choices
 from .config import to_run_config
-from .errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, ConfigError, DataError, StorageError
+from .errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, DataError, StorageError
 from .run_dir import check_run_dir, hold_run_dir, refuse_finished
 from .training.distributed import launcher_rank, worker_overrides
 from .training.loop import TrainingDiverged, TrainingInterrupted
