@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 
 import pytest

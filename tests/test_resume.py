@@ -7,7 +7,6 @@ position is the step number, and the pre-training evaluation is read back from t
 import hashlib
 import json
 import signal
-import sys
 
 import pytest
 
