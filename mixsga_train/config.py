@@ -3,7 +3,10 @@ data is loaded. Each group of ``mixsga_train/conf/`` maps to one dataclass."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,6 +21,8 @@ PRECISIONS = ("fp32", "bf16")
 RESUME = ("never", "auto")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
+SEED_RANGE = 2**32  # numpy's and torch's generators both take seeds in [0, 2**32)
+INT_LIMIT = 2**63  # torch's int64
 
 
 @dataclass
@@ -80,6 +85,13 @@ class TrainerConfig:
             raise ConfigError("trainer.lr", f"{self.lr} must be positive, e.g. 2e-4")
         if self.router_lr_mult <= 0:
             raise ConfigError("trainer.router_lr_mult", f"{self.router_lr_mult} must be positive, e.g. 10")
+        if self.eps <= 0:
+            raise ConfigError("trainer.eps", f"{self.eps} must be positive, e.g. 1e-8")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key}", f"{getattr(self, key)} must be >= 0 (0 turns it off)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("trainer.min_lr_ratio", f"{self.min_lr_ratio} must be in [0, 1] (a fraction of lr)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("trainer.betas", f"{self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not 0 <= self.warmup_ratio < 1:
@@ -133,7 +145,14 @@ class RunConfig:
 
     def validate(self) -> ResolvedAttention:
         """Check every group and their combination; returns the attention resolved for the model."""
+        check_numbers(self)
+        for key in ("seed", "task.split_seed"):
+            value = self.seed if key == "seed" else self.task.split_seed
+            if not 0 <= value < SEED_RANGE:
+                raise ConfigError(key, f"{value} is outside [0, 2**32); use a smaller non-negative seed")
         self.model.validate()
+        if self.model.source == "local" and self.model.path:
+            refuse_converted(Path(self.model.path).expanduser())
         self.task.validate()
         self.trainer.validate()
         self.logger.validate()
@@ -147,7 +166,46 @@ class RunConfig:
             raise ConfigError(
                 key, f"{longest} exceeds model.max_seq_len={self.model.max_seq_len} for {self.model.name}; lower {key}"
             )
+        generated = self.task.max_prompt_len + self.task.max_new_tokens
+        if (self.task.kind == "sft" or self.task.eval_sets) and generated > self.model.max_seq_len:
+            raise ConfigError(
+                "task.max_new_tokens",
+                f"max_prompt_len={self.task.max_prompt_len} + max_new_tokens={self.task.max_new_tokens} = {generated} "
+                f"exceeds model.max_seq_len={self.model.max_seq_len} for {self.model.name}; lower one of them",
+            )
         return resolved
+
+
+def check_numbers(config, prefix: str = "") -> None:
+    """ConfigError for any number in the config tree that is NaN, infinite (YAML's ``.inf``, or a
+    literal like ``1e400``) or beyond int64: such values pass range checks or crash much later."""
+    items = ((f.name, getattr(config, f.name)) for f in fields(config)) if is_dataclass(config) else enumerate(config)
+    for name, value in items:
+        key = f"{prefix}.{name}" if prefix and not isinstance(name, int) else f"{prefix}[{name}]" if prefix else name
+        if is_dataclass(value) or isinstance(value, list):
+            check_numbers(value, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"{value} is not a finite number; give a finite value")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
+            raise ConfigError(key, f"{value} is too large (beyond int64); give a realistic value")
+
+
+def refuse_converted(path: Path) -> None:
+    """``model.path`` must be an unconverted model: ``AutoModelForCausalLM`` would silently drop the
+    trained routers and reshaped projections of a checkpoint that mixsga-train converted."""
+    config_file = path / "config.json"
+    try:
+        saved = json.loads(config_file.read_text()).get("mixsga") if config_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError("model.path", f"{config_file} is not a readable JSON object; "
+                                        "give a save_pretrained directory") from None
+    if saved:
+        raise ConfigError(
+            "model.path",
+            f"{path} holds a model already converted by mixsga-train ({saved.get('method')}); loading it as a "
+            f"base model would drop its routers: evaluate it with `mixsga-evaluate RUN_DIR --checkpoint {path}`, "
+            "or start from the unconverted base model",
+        )
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

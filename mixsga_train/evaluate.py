@@ -3,9 +3,11 @@ finished (or checkpointed) run again, e.g. on other eval sets, without training.
 
 Reads the run's ``config.yaml``, applies the overrides: group choices (``task=dolly``) replace the
 whole group with the shipped option, then ``key=value`` (OmegaConf dot-list, e.g.
-``task.eval_sets=[dolly_test,/data/extra.jsonl]``) set single keys. Loads ``RUN_DIR/model`` (or ``--checkpoint
-DIR``) with ``load_converted`` and writes ``RUN_DIR/eval_<name>.json``. A checkpoint converted
-with another method or budget than the config says is refused.
+``task.eval_sets=[dolly_test,/data/extra.jsonl]``) set single keys. Loads ``RUN_DIR/model`` (or
+``--checkpoint DIR``) with ``load_converted`` and writes ``RUN_DIR/<name>.json`` (``--name``, default
+``eval``). A checkpoint converted with another method or budget than the config says is refused, and
+so is a name the run already uses (``metrics``, ``eval_before``, ..., or an earlier evaluation's):
+finished results are never overwritten.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .cli_checks import CONF_DIR, check_group_choices
 from .config import to_run_config
-from .errors import ConfigError, DataError
-
-EXIT_CONFIG = 2
+from .errors import EXIT_CONFIG, ConfigError, DataError, StorageError
+from .run_dir import check_output_name, write_json_atomic
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -28,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("run_dir", type=Path, help="a run directory written by mixsga-train")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model directory (default: RUN_DIR/model)")
-    parser.add_argument("--name", default="eval", help="output file name: RUN_DIR/<name>.json")
+    parser.add_argument("--name", default="eval", help="output file name: RUN_DIR/<name>.json (a new name)")
     return parser.parse_args(argv)
 
 
@@ -67,23 +70,34 @@ def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
         )
 
 
+def read_config(config_file: Path, overrides: list[str]):
+    """The run's saved config with the overrides (``apply_overrides``); unreadable YAML or a bad
+    override is a ConfigError."""
+    try:
+        return apply_overrides(OmegaConf.load(config_file), overrides)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(str(config_file), f"cannot read it with the overrides {overrides} ({reason}); "
+                                            "fix the file or the override") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config_file = args.run_dir / "config.yaml"
         if not config_file.is_file():
             raise ConfigError("run_dir", f"{config_file} not found; give a run directory written by mixsga-train")
-        cfg = apply_overrides(OmegaConf.load(config_file), args.overrides)
+        cfg = read_config(config_file, args.overrides)
         run_cfg = to_run_config(cfg)
         resolved = run_cfg.validate()
         checkpoint = args.checkpoint or args.run_dir / "model"
         check_checkpoint_matches(checkpoint, resolved)
+        out = check_output_name(args.run_dir, args.name)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     from .attention.persistence import load_converted
     from .pipeline import evaluate, load_task_data
-    from .run_dir import write_json_atomic
     from transformers import AutoTokenizer
 
     try:
@@ -95,8 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    out = args.run_dir / f"{args.name}.json"
-    write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
+    try:
+        check_output_name(args.run_dir, args.name)  # again: another evaluation may have written it meanwhile
+        write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
+    except (ConfigError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     track_reevaluation(run_cfg, resolved, args, checkpoint, results)
     print(f"perplexity {results['ppl_causal_routing']:.3f} causal routing (top-k {results['ppl']:.3f}, non-causal); "
           f"KV bytes/real token {results['kv_bytes_per_token']:.1f}; written to {out}")

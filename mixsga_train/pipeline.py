@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from .attention import convert_model
 from .attention.config import ResolvedAttention
@@ -26,7 +25,8 @@ from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.perplexity import scored_words
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
-from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
+from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error, write_config,
+                      write_json_atomic)
 from .tracking import run_name, start_tracker
 from .training.distributed import Dist, init_distributed
 from .training.loop import total_steps, train
@@ -106,14 +106,14 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     Every rank runs all of it (evaluation is replicated, so every rank computes the same
     metrics); only rank 0 writes files and tracks.
     """
-    resume_step = check_run_dir(run_dir, cfg.trainer.resume)
+    resume_step = check_run_dir(run_dir, cfg.trainer.resume, config_yaml)
     raw = read_task(cfg.task)
     model, tokenizer = load_model(cfg.model)
     data = load_task_data(cfg, tokenizer, raw)
     dist = init_distributed()
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))
+        write_config(run_dir, config_yaml)
         record_provenance(run_dir, cfg.seed, resume_step)
     torch.manual_seed(cfg.seed)
     convert_model(model, resolved)
@@ -122,28 +122,41 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     name = run_name(resolved.method, resolved.kv_budget, resolved.ratio, cfg.seed)
     tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml,
                             dist.is_main)
-    before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
+    if cfg.trainer.max_steps == 0:
+        print("trainer.max_steps=0: evaluation only, nothing is trained or checkpointed", flush=True)
+        before, result = None, None
+    else:
+        before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
+        last_step = total_steps(cfg.trainer, len(data.train), dist.world_size)
 
-    last_step = total_steps(cfg.trainer, len(data.train), dist.world_size)
+        def evaluate_during_training(step: int) -> None:  # the last step's evaluation follows training
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < last_step:
+                track_eval(tracker, "eval", evaluate(model, tokenizer, data, cfg), step)
 
-    def evaluate_during_training(step: int) -> None:  # the last step's evaluation follows training
-        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < last_step:
-            track_eval(tracker, "eval", evaluate(model, tokenizer, data, cfg), step)
-
-    result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step,
-                   on_step=evaluate_during_training)
+        result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step,
+                       on_step=evaluate_during_training)
     after = evaluate(model, tokenizer, data, cfg)
     track_eval(tracker, "eval", after, result.steps if result is not None else 0)
     if tracker.active and cfg.logger.samples:
         tracker.table("samples", ["prompt", "reference", "generation"], generation_samples(model, tokenizer, data, cfg))
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
     if dist.is_main:
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
+        save_model(model, tokenizer, run_dir / "model")
         write_json_atomic(run_dir / METRICS, metrics)
     tracker.summary(metrics)
     tracker.finish()
     return metrics
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of the model and tokenizer; a failed write (disk full) is one line naming the folder."""
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except (OSError, RuntimeError) as err:
+        if not isinstance(err, OSError) and "inline_container" not in str(err):
+            raise
+        raise storage_error(folder, err if isinstance(err, OSError) else OSError(str(err))) from None
 
 
 def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None,

@@ -8,28 +8,43 @@ $(which mixsga-train) hydra.run.dir=DIR ...`` (pin hydra.run.dir so all ranks ag
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from . import cli_checks
 from .cli_checks import check_group_choices
-from .errors import ConfigError, DataError
-from .run_dir import refuse_finished
+from .errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, DataError, StorageError
+from .run_dir import check_run_dir, hold_run_dir, refuse_finished
 from .sweep import JobFailed, in_multirun, run_job
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+VERBOSE_FLAG = "--verbose"
+INTERRUPTED = ("interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, "
+               "if any; rerun the same command with trainer.resume=auto")
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """Print the one error line and end the run with ``code`` (a multirun records it and goes on)."""
+def fail(message: str, code: int, detail: str | None = None) -> NoReturn:
+    """The one place a run ends with an error: one ``error:`` line (plus ``detail``, e.g. Hydra's
+    full message under ``--verbose``), then ``JobFailed`` (a SystemExit with ``code``; a multirun
+    records it and goes on with the next job). Outside a multirun, further SIGINT/SIGTERM are
+    ignored from here on, so a second Ctrl-C cannot turn the exit into a traceback."""
+    if not in_multirun():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if detail:
+        print(detail, file=sys.stderr, flush=True)
     raise JobFailed(message, code)
 
 
@@ -60,19 +75,24 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     from .pipeline import run
 
     try:
-        metrics = run(run_cfg, resolved, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    except (ConfigError, DataError) as err:
-        fail(str(err), EXIT_CONFIG)
-    except TrainingDiverged as err:
-        fail(str(err), EXIT_DIVERGED)
-    except TrainingInterrupted as err:
-        fail(str(err), EXIT_INTERRUPTED)
+        with job_lock(run_dir):
+            metrics = run(run_cfg, resolved, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    except (ConfigError, DataError, StorageError, TrainingDiverged, TrainingInterrupted) as err:
+        fail(str(err), err.exit_code)
     except KeyboardInterrupt:
-        fail(f"interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, if any; "
-             "rerun the same command with trainer.resume=auto", EXIT_INTERRUPTED)
+        fail(INTERRUPTED.format(run_dir=run_dir), EXIT_INTERRUPTED)
     if launcher_rank() == 0:
         print(summary(metrics, run_dir), flush=True)
     return metrics
+
+
+def job_lock(run_dir: Path):
+    """A multirun job's lock on its own directory (a single run's is taken in ``main``, before Hydra)."""
+    from .training.distributed import launcher_rank
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN and launcher_rank() == 0:
+        return hold_run_dir(run_dir)
+    return contextlib.nullcontext()
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
@@ -104,15 +124,80 @@ def summary(metrics: dict, run_dir: Path) -> str:
 
 
 def main() -> None:
-    try:
-        check_group_choices(sys.argv[1:])
-        refuse_finished(sys.argv[1:])
-    except ConfigError as err:
-        fail(str(err), EXIT_CONFIG)
-    from .training.distributed import worker_overrides
+    """Check the command line, claim the run directory, then hand over to Hydra."""
+    from .training.distributed import launcher_rank, worker_overrides
 
-    sys.argv += worker_overrides()
-    _main()
+    verbose = VERBOSE_FLAG in sys.argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    sys.argv = [arg for arg in sys.argv if arg != VERBOSE_FLAG]
+    with signals_interrupt():
+        try:
+            check_group_choices(sys.argv[1:])
+            run_dir = prepare_single_run(sys.argv[1:])
+        except ConfigError as err:
+            fail(str(err), EXIT_CONFIG, getattr(err, "detail", None) if verbose else None)
+        sys.argv += worker_overrides()
+        owned = hold_run_dir(run_dir) if run_dir is not None and launcher_rank() == 0 else contextlib.nullcontext()
+        try:
+            with owned:
+                if run_dir is not None:
+                    refuse_finished(run_dir)  # again, now that no other run can finish it meanwhile
+                _main()
+        except (ConfigError, StorageError) as err:
+            fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            fail(INTERRUPTED.format(run_dir=run_dir or "the run directory"), EXIT_INTERRUPTED)
+
+
+def prepare_single_run(argv: list[str]) -> Path | None:
+    """For a single run: compose and validate the config as Hydra will, resolve the run directory
+    (``${now:...}``, ``${run_id:}`` and other interpolations included), pin it on ``sys.argv`` so
+    Hydra uses that very directory, and refuse a finished one or a resume it cannot honour
+    (``check_run_dir``); all before anything is written. Returns the run directory.
+
+    A multirun: its first job's config is composed, so a mistyped key or group stops the sweep
+    before it starts; each job validates its own values and locks its own directory. Returns
+    None then, and with Hydra flags such as ``--cfg`` (Hydra alone)."""
+    if not cli_checks.composable(argv):
+        return None
+    if cli_checks.is_multirun(argv):
+        cli_checks.compose(cli_checks.first_of_sweeps(argv))
+        return None
+    cfg = cli_checks.compose(argv)
+    if cfg.hydra.mode == RunMode.MULTIRUN:
+        return None
+    from .config import to_run_config  # after the cheap checks: it imports torch and transformers
+
+    job = cli_checks.job_config(cfg)
+    run_cfg = to_run_config(job)
+    run_cfg.validate()
+    if not str(cfg.hydra.run.dir).strip():
+        raise ConfigError("hydra.run.dir", "is empty; give a directory for the run, e.g. hydra.run.dir=outputs/my_run")
+    run_dir = Path(str(cfg.hydra.run.dir))
+    if "'" in str(run_dir) or "\\" in str(run_dir):
+        raise ConfigError("hydra.run.dir", f"{run_dir} contains a quote or backslash; choose a plain path")
+    check_run_dir(run_dir, run_cfg.trainer.resume, OmegaConf.to_container(job, resolve=True), warn=False)
+    sys.argv = [arg for arg in sys.argv if not arg.lstrip("+").startswith("hydra.run.dir=")]
+    sys.argv.append(f"hydra.run.dir='{run_dir}'")
+    return run_dir
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM behaves as SIGINT (KeyboardInterrupt) in every phase. The previous handlers come
+    back when the block ends normally; after ``fail`` they stay ignored while the process exits."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    exiting = False
+    try:
+        yield
+    except SystemExit:
+        exiting = True
+        raise
+    finally:
+        if not exiting:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

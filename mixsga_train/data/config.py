@@ -101,6 +101,8 @@ class TaskConfig:
         if self.local_dir is not None and self.package is not None:
             raise ConfigError("task.package", "give either local_dir or package, not both")
         if self.local_dir is not None:
+            if not self.local_dir.strip():
+                raise ConfigError("task.local_dir", "is empty; give a folder with valid.txt and test.txt, or null")
             folder = Path(self.local_dir).expanduser()
             if not folder.is_dir():
                 raise ConfigError(

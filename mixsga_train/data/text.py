@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .config import TEXT_PACKAGES, TaskConfig
+from .files import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,19 @@ class TextSplit:
 
 
 def load_text_splits(cfg: TaskConfig) -> dict[str, TextSplit]:
-    """The ``train``/``valid``/``test`` texts of an ``lm`` task, leading U+FEFF stripped."""
+    """The ``train``/``valid``/``test`` texts of an ``lm`` task, leading U+FEFF stripped; DataError
+    naming the file or split for one that is blank (nothing but whitespace)."""
     if cfg.local_dir is not None:
-        return _local_splits(Path(cfg.local_dir).expanduser())
-    if cfg.package is not None:
-        return _package_splits(cfg.package)
-    return _hub_splits(*cfg.hub_source())
+        splits = _local_splits(Path(cfg.local_dir).expanduser())
+    elif cfg.package is not None:
+        splits = _package_splits(cfg.package)
+    else:
+        splits = _hub_splits(*cfg.hub_source())
+    for split in (splits["valid"], splits["test"], splits["train"]):
+        if not split.text.strip():
+            raise DataError(f"{split.origin}: blank (no text, only whitespace); "
+                            "every split needs text to train or evaluate on")
+    return splits
 
 
 def _local_splits(folder: Path) -> dict[str, TextSplit]:
@@ -55,10 +63,10 @@ def _local_splits(folder: Path) -> dict[str, TextSplit]:
         path = folder / f"{name}.txt"
         if not path.is_file():
             raise DataError(f"{path}: missing; a local corpus needs valid.txt and test.txt (train.txt is optional)")
-        splits[name] = TextSplit(name, _strip_bom(path.read_text(encoding="utf-8")), str(path))
+        splits[name] = TextSplit(name, read_utf8(path), str(path))
     train = folder / "train.txt"
     if train.is_file():
-        splits["train"] = TextSplit("train", _strip_bom(train.read_text(encoding="utf-8")), str(train))
+        splits["train"] = TextSplit("train", read_utf8(train), str(train))
     else:
         log.warning("%s is absent: training on %s", train, splits["valid"].origin)
         splits["train"] = TextSplit("train", splits["valid"].text, f"{splits['valid'].origin} (as train)")

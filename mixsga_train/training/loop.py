@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..attention import RoutingStats, routing_context
 from ..config import TrainerConfig
+from ..errors import EXIT_DIVERGED, EXIT_INTERRUPTED, DataError
 from ..tracking import Tracker
 from . import checkpoints
 from .distributed import Dist, all_gather_object, all_sum, barrier
@@ -38,9 +39,13 @@ log = logging.getLogger(__name__)
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the step was not applied."""
 
+    exit_code = EXIT_DIVERGED
+
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved and training stopped."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 @dataclass
@@ -294,7 +299,12 @@ def _set_rng_state(state: dict) -> None:
 def _resume(engine, root: Path, step: int, dist: Dist) -> TrainResult:
     """Load checkpoint ``step`` into ``engine`` (weights, optimizer, scheduler) and restore this
     rank's RNG; returns the result recorded up to that step."""
-    _, client = engine.load_checkpoint(str(root), tag=checkpoints.tag(step))
+    try:
+        _, client = engine.load_checkpoint(str(root), tag=checkpoints.tag(step))
+    except Exception as err:  # noqa: BLE001 - any failure to read the files means the same to the user
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DataError(f"{root / checkpoints.tag(step)}: cannot be loaded ({reason}); move it aside to resume from "
+                        "the previous checkpoint, or start a new run directory") from None
     _set_rng_state(client["rng"][dist.rank])
     result = TrainResult(**client["result"])
     result.resumed_from = client["step"]
@@ -310,9 +320,17 @@ def save(engine, root: Path, step: int, result: TrainResult, dist: Dist, keep: i
         checkpoints.discard_incomplete(root, step)
     barrier()
     client = {"step": step, "rng": rng, "result": asdict(result)}
-    engine.save_checkpoint(str(root), tag=checkpoints.tag(step), client_state=client, save_latest=False)
-    barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=checkpoints.tag(step), client_state=client, save_latest=False)
+        barrier()
+        if dist.is_main:
+            checkpoints.mark_complete(root, step, dist.world_size)
+    except (OSError, RuntimeError) as err:
+        if not isinstance(err, OSError) and "inline_container" not in str(err):
+            raise
+        if dist.is_main:
+            checkpoints.discard_incomplete(root, step)  # frees the space; the last complete checkpoint stays
+        raise checkpoints.write_failure(root, step, err) from None
     if dist.is_main:
-        checkpoints.mark_complete(root, step, dist.world_size)
         checkpoints.prune(root, keep)
     barrier()
