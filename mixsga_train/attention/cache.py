@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .decode_kernel import DecodeKernelSwitch
@@ -176,7 +175,7 @@ class MixedKVLayer(CacheLayerMixin):
     def _append_mixed(self, key_states, value_states, start: int, new: int) -> None:
         batch = key_states.shape[0]
         ids = self._new_ids(batch, new)
-        onehot = F.one_hot(ids, self.num_experts)  # [B, n, E]
+        onehot = self._one_hot(ids)  # [B, n, E]
         before = onehot.cumsum(1) - onehot  # tokens of the same expert earlier in this call
         slots = self.counts[:, None, :] + before  # [B, n, E]: the slot of each token in each expert
         new_counts = self.counts + onehot.sum(1)
@@ -196,6 +195,10 @@ class MixedKVLayer(CacheLayerMixin):
         self._ids[:, start : start + new] = ids
         if self._token_slot is not None:
             self._token_slot[:, start : start + new] = slots.gather(-1, ids[..., None]).squeeze(-1)
+
+    def _one_hot(self, ids: torch.Tensor) -> torch.Tensor:
+        """[..., E] long one-hot of ``ids`` (by comparison: ``F.one_hot`` checks the range on the host)."""
+        return (ids[..., None] == torch.arange(self.num_experts, device=ids.device)).long()
 
     def _update_lengths(self, new_counts: torch.Tensor, new: int) -> None:
         """Keep ``lengths[e]`` >= max_b counts and every buffer one slot longer (the scratch slot).
@@ -250,7 +253,7 @@ class MixedKVLayer(CacheLayerMixin):
         if self.num_experts == 1:
             return buffers[0][:, :, :T].index_select(0, self.expand_index[0]).transpose(0, 1)
         ids = self.expert_ids.long()
-        onehot = F.one_hot(ids, self.num_experts)
+        onehot = self._one_hot(ids)
         slot = (onehot.cumsum(1) - onehot).gather(-1, ids[..., None]).squeeze(-1)  # [B, T]
         rows = torch.arange(self.batch_size, device=self.device)[:, None].expand_as(ids)
         full = None

@@ -126,7 +126,7 @@ def segment_attention(layer, query: torch.Tensor, attention_mask, scaling=None, 
     total = layer.seq_length
     scaling = d**-0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[:, 0, :, :total].expand(batch, new, total)
-    if layer.num_experts == 1 and softcap is None and q_heads % layer.groupings[0].kv_heads == 0:
+    if layer.num_experts == 1 and softcap is None and _even(layer.groupings[0]):
         keys, values, _, _ = layer.segment(0)
         if mask is None and new > 1:  # a chunk after cached tokens: causal
             mask = _causal(total - new, new, torch.arange(total, device=query.device)[None])
@@ -147,6 +147,11 @@ def segment_attention(layer, query: torch.Tensor, attention_mask, scaling=None, 
     return (out / norm).to(query.dtype).transpose(1, 2)
 
 
+def _even(grouping) -> bool:
+    """Whether every head group of ``grouping`` has the same size (so its query heads are too)."""
+    return grouping.native_kv_heads % grouping.kv_heads == 0
+
+
 def _causal(start: int, new: int, positions: torch.Tensor) -> torch.Tensor:
     """[B, n, L] bool: key at ``positions`` [B, L] is visible from query position start + i."""
     query_positions = torch.arange(start, start + new, device=positions.device)
@@ -157,7 +162,7 @@ def _segment_partial(layer, expert: int, query, mask, scaling, softcap):
     """One expert's partial attention: (o [B, H_q, n, d_v] fp32, row max m and sum l [B, H_q, n, 1])."""
     batch, q_heads, new, d = query.shape
     keys, values, positions, valid = layer.segment(expert)
-    if q_heads % keys.shape[0]:  # uneven head groups: expand this segment to the native heads
+    if not _even(layer.groupings[expert]):  # uneven head groups: expand this segment to the native heads
         keys = keys.index_select(0, layer.expand_index[expert])
         values = values.index_select(0, layer.expand_index[expert])
     heads, length = keys.shape[0], keys.shape[2]
