@@ -29,7 +29,7 @@ from .routing import TokenRouter
 from .segment_attention import SegmentReadSwitch, read_placeholders
 
 GROWTH = 1.25  # capacity multiplier when a buffer is full: amortised O(1) appends, <= 25% slack
-MIN_CAPACITY = 64  # smallest buffer length (tokens per batch row)
+MIN_CAPACITY = 16  # smallest buffer length (tokens per batch row)
 
 
 def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
@@ -43,6 +43,14 @@ def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
     grown = buffer.new_zeros(shape)
     grown.narrow(dim, 0, size).copy_(buffer)
     return grown
+
+
+def _head_selector(grouping: HeadGrouping, device) -> slice | torch.Tensor:
+    """Indexes the representative heads of ``grouping``: a strided slice (a view) for equal
+    groups, else the index tensor (index_select on a middle dim is slow on CPU)."""
+    if grouping.native_kv_heads % grouping.kv_heads == 0:
+        return slice(None, None, grouping.native_kv_heads // grouping.kv_heads)
+    return grouping.representative.to(device)
 
 
 class MixedKVLayer(CacheLayerMixin):
@@ -100,7 +108,7 @@ class MixedKVLayer(CacheLayerMixin):
         batch = self.batch_size = key_states.shape[0]
         self.key_buffers = [key_states.new_zeros(g.kv_heads, batch, 0, key_states.shape[-1]) for g in self.groupings]
         self.value_buffers = [value_states.new_zeros(g.kv_heads, batch, 0, value_states.shape[-1]) for g in self.groupings]
-        self.representative = [g.representative.to(device) for g in self.groupings]
+        self.representative = [_head_selector(g, device) for g in self.groupings]
         self.expand_index = [g.expand_index.to(device) for g in self.groupings]
         self.lengths = [0] * self.num_experts
         if self.num_experts > 1:
@@ -166,8 +174,8 @@ class MixedKVLayer(CacheLayerMixin):
     def _append_one_expert(self, key_states, value_states, start: int, new: int) -> None:
         self._reserve(0, start + new)
         rep = self.representative[0]
-        self.key_buffers[0][:, :, start : start + new] = key_states.index_select(1, rep).transpose(0, 1)
-        self.value_buffers[0][:, :, start : start + new] = value_states.index_select(1, rep).transpose(0, 1)
+        self.key_buffers[0][:, :, start : start + new] = key_states[:, rep].transpose(0, 1)
+        self.value_buffers[0][:, :, start : start + new] = value_states[:, rep].transpose(0, 1)
         self.lengths[0] = start + new
         if self._token_slot is not None:
             self._token_slot[:, start : start + new] = torch.arange(start, start + new, dtype=torch.int32, device=self.device)
@@ -188,8 +196,8 @@ class MixedKVLayer(CacheLayerMixin):
         keys_bn, values_bn = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, n, H_kv, d]
         for e, rep in enumerate(self.representative):
             index = (rows, slots[..., e])
-            self.key_buffers[e].permute(1, 2, 0, 3).index_put_(index, keys_bn.index_select(2, rep))
-            self.value_buffers[e].permute(1, 2, 0, 3).index_put_(index, values_bn.index_select(2, rep))
+            self.key_buffers[e].permute(1, 2, 0, 3).index_put_(index, keys_bn[:, :, rep])
+            self.value_buffers[e].permute(1, 2, 0, 3).index_put_(index, values_bn[:, :, rep])
             self.slot_positions[e].index_put_(index, positions)
         self.counts = new_counts
         self._ids[:, start : start + new] = ids
@@ -221,8 +229,9 @@ class MixedKVLayer(CacheLayerMixin):
         if self.num_experts == 1:
             return keys, values, None, None
         positions = self.slot_positions[expert][:, :length]
-        count = self.counts[:, expert, None]
-        valid = torch.arange(length, device=self.device) < count
+        if self.batch_size == 1 and self.device.type == "cpu":  # lengths are exact on CPU: every slot is filled
+            return keys, values, positions, None
+        valid = torch.arange(length, device=self.device) < self.counts[:, expert, None]
         return keys, values, positions, valid
 
     def kernel_expert_ids(self) -> torch.Tensor:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -126,16 +125,8 @@ def segment_attention(layer, query: torch.Tensor, attention_mask, scaling=None, 
     total = layer.seq_length
     scaling = d**-0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[:, 0, :, :total].expand(batch, new, total)
-    if layer.num_experts == 1 and softcap is None and _even(layer.groupings[0]):
-        keys, values, _, _ = layer.segment(0)
-        if mask is None and new > 1:  # a chunk after cached tokens: causal
-            mask = _causal(total - new, new, torch.arange(total, device=query.device)[None])
-        out = F.scaled_dot_product_attention(
-            query, keys.transpose(0, 1), values.transpose(0, 1), None if mask is None else mask[:, None],
-            scale=scaling, enable_gqa=keys.shape[0] != q_heads,
-        )
-        return out.transpose(1, 2)
-    partials = [_segment_partial(layer, e, query, mask, scaling, softcap) for e in range(layer.num_experts)]
+    partial = _flash_partial if query.device.type == "cpu" and softcap is None else _segment_partial
+    partials = [partial(layer, e, query, mask, scaling, softcap) for e in range(layer.num_experts)]
     if len(partials) == 1:
         out, _, norm = partials[0]
         return (out / norm).to(query.dtype).transpose(1, 2)
@@ -158,6 +149,49 @@ def _causal(start: int, new: int, positions: torch.Tensor) -> torch.Tensor:
     return positions[:, None, :] <= query_positions[None, :, None]
 
 
+def _segment_keep(layer, keys_length, positions, valid, mask, batch, new, device):
+    """[B, n, L] bool or additive float mask of one segment (None: every slot is visible)."""
+    token_mask = None
+    if mask is not None:  # the model's mask, at the cache positions of this segment's slots
+        token_mask = mask if positions is None else mask.gather(-1, positions[:, None, :].long().expand(batch, new, keys_length))
+    elif new > 1:
+        if positions is None:
+            positions = torch.arange(keys_length, device=device).expand(batch, keys_length)
+        token_mask = _causal(layer.seq_length - new, new, positions)
+    if valid is not None:
+        valid = valid[:, None, :]
+        token_mask = valid if token_mask is None else (
+            token_mask & valid if token_mask.dtype == torch.bool else token_mask.masked_fill(~valid, float("-inf")))
+    return token_mask
+
+
+def _flash_partial(layer, expert: int, query, mask, scaling, softcap):
+    """CPU: one expert's partial attention by torch's fused flash kernel, which also returns the
+    log-sum-exp of each row: (o [B, H_q, n, d_v] normalised, lse [B, H_q, n, 1], ones)."""
+    batch, q_heads, new, d = query.shape
+    keys, values, positions, valid = layer.segment(expert)
+    if not _even(layer.groupings[expert]):
+        keys = keys.index_select(0, layer.expand_index[expert])
+        values = values.index_select(0, layer.expand_index[expert])
+    heads, length = keys.shape[0], keys.shape[2]
+    rep = q_heads // heads
+    grouped = query.reshape(batch, heads, rep * new, d)  # the rep query heads of a group share its K/V
+    keep = _segment_keep(layer, length, positions, valid, mask, batch, new, query.device)
+    bias = None
+    if keep is not None:
+        if keep.dtype == torch.bool:
+            keep = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, float("-inf"))
+        bias = keep.to(query.dtype)[:, None, None].expand(batch, 1, rep, new, length).reshape(batch, 1, rep * new, length)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        grouped, keys.transpose(0, 1), values.transpose(0, 1), 0.0, False, attn_mask=bias, scale=scaling)
+    out = out.reshape(batch, q_heads, new, -1).float()
+    lse = lse.reshape(batch, q_heads, new, 1).float()
+    if keep is not None:  # a row with no visible slot in this segment: weight 0, no NaN
+        empty = ~torch.isfinite(lse)
+        out, lse = out.masked_fill(empty, 0.0), lse.masked_fill(empty, float("-inf"))
+    return out, lse, torch.ones_like(lse)
+
+
 def _segment_partial(layer, expert: int, query, mask, scaling, softcap):
     """One expert's partial attention: (o [B, H_q, n, d_v] fp32, row max m and sum l [B, H_q, n, 1])."""
     batch, q_heads, new, d = query.shape
@@ -172,20 +206,12 @@ def _segment_partial(layer, expert: int, query, mask, scaling, softcap):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.float().view(heads, batch, rep, new, length)
-    token_mask = None
-    if mask is not None:  # the model's mask, at the cache positions of this segment's slots
-        token_mask = mask if positions is None else mask.gather(-1, positions[:, None, :].long().expand(batch, new, length))
-    elif new > 1:
-        if positions is None:
-            positions = torch.arange(length, device=query.device).expand(batch, length)
-        token_mask = _causal(layer.seq_length - new, new, positions)
+    token_mask = _segment_keep(layer, length, positions, valid, mask, batch, new, query.device)
     if token_mask is not None:
         if token_mask.dtype == torch.bool:
             scores = scores.masked_fill(~token_mask[None, :, None], float("-inf"))
         else:
             scores = scores + token_mask[None, :, None].float()
-    if valid is not None:
-        scores = scores.masked_fill(~valid[None, :, None, None], float("-inf"))
     top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
     weights = torch.exp(scores - top)
     norm = weights.sum(-1, keepdim=True)
