@@ -212,7 +212,8 @@ def bench_model(key: str, args) -> dict:
             for p, b in cases:
                 d = decode(model, prompts[(p, b)], args.new_tokens)
                 raw[name][f"p{p}_b{b}"].append(d["tok_s"])
-                memory[name][f"p{p}_b{b}"].update(cache_bytes=d["cache_bytes"], cache_reserved_bytes=d["cache_reserved_bytes"])
+                memory[name][f"p{p}_b{b}"].update(cache_bytes=d["cache_bytes"],
+                                                  cache_reserved_bytes=d["cache_reserved_bytes"])
                 line.append(f"p{p} b{b} {d['tok_s']:.1f} tok/s")
             print(f"  round {r} {name}: " + ", ".join(line), flush=True)
     rows = {}

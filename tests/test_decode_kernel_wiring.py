@@ -167,7 +167,8 @@ def assert_kernel_rows_read_each_token(layer):
     for b in range(layer.batch_size):
         for t in range(layer.seq_length):
             e, row, heads = ids[b, t], rows[b, t], layer.expand_table[ids[b, t]].long()
-            assert torch.equal(keys[e][row][heads], full_k[b, :, t]) and torch.equal(values[e][row][heads], full_v[b, :, t])
+            assert torch.equal(keys[e][row][heads], full_k[b, :, t])
+            assert torch.equal(values[e][row][heads], full_v[b, :, t])
 
 
 def test_gqa_fallback_and_kernel_rows(monkeypatch):

@@ -74,7 +74,8 @@ def test_the_reference_comparison_can_fail():
     assert torch.equal(got.logits[0], ref.logits[0])  # the prefill does not read the cache
 
 
-@pytest.mark.parametrize("cfg", [dict(method="gqa", kv_heads=2), dict(method="mixsga", ratio="1:1", expert_kv_heads=[2, 1])])
+@pytest.mark.parametrize("cfg", [dict(method="gqa", kv_heads=2),
+                                 dict(method="mixsga", ratio="1:1", expert_kv_heads=[2, 1])])
 def test_uneven_head_groups(cfg):
     """3 native KV heads grouped into 2: one group of 2 heads, one of 1 (the segment is expanded)."""
     model = converted("llama", cfg, kv_heads=3, heads=6, hidden=48)

@@ -107,7 +107,8 @@ class MixedKVLayer(CacheLayerMixin):
         self.device = device
         batch = self.batch_size = key_states.shape[0]
         self.key_buffers = [key_states.new_zeros(g.kv_heads, batch, 0, key_states.shape[-1]) for g in self.groupings]
-        self.value_buffers = [value_states.new_zeros(g.kv_heads, batch, 0, value_states.shape[-1]) for g in self.groupings]
+        self.value_buffers = [value_states.new_zeros(g.kv_heads, batch, 0, value_states.shape[-1])
+                              for g in self.groupings]
         self.representative = [_head_selector(g, device) for g in self.groupings]
         self.expand_index = [g.expand_index.to(device) for g in self.groupings]
         self.lengths = [0] * self.num_experts
@@ -178,7 +179,8 @@ class MixedKVLayer(CacheLayerMixin):
         self.value_buffers[0][:, :, start : start + new] = value_states[:, rep].transpose(0, 1)
         self.lengths[0] = start + new
         if self._token_slot is not None:
-            self._token_slot[:, start : start + new] = torch.arange(start, start + new, dtype=torch.int32, device=self.device)
+            slots = torch.arange(start, start + new, dtype=torch.int32, device=self.device)
+            self._token_slot[:, start : start + new] = slots
 
     def _append_mixed(self, key_states, value_states, start: int, new: int) -> None:
         batch = key_states.shape[0]
@@ -191,14 +193,15 @@ class MixedKVLayer(CacheLayerMixin):
         # a token's own expert gets it at its slot; the others at their first free slot (a scratch
         # slot beyond the new count, overwritten later), so no boolean indexing is needed
         slots = torch.where(onehot.bool(), slots, new_counts[:, None, :])
-        rows = torch.arange(batch, device=self.device)[:, None].expand(batch, new)
         positions = torch.arange(start, start + new, dtype=torch.int32, device=self.device).expand(batch, new)
-        keys_bn, values_bn = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, n, H_kv, d]
         for e, rep in enumerate(self.representative):
-            index = (rows, slots[..., e])
-            self.key_buffers[e].permute(1, 2, 0, 3).index_put_(index, keys_bn[:, :, rep])
-            self.value_buffers[e].permute(1, 2, 0, 3).index_put_(index, values_bn[:, :, rep])
-            self.slot_positions[e].index_put_(index, positions)
+            slot = slots[..., e]  # [B, n]
+            heads = self.key_buffers[e].shape[0]
+            index = slot[None, :, :, None].expand(heads, batch, new, key_states.shape[-1])
+            self.key_buffers[e].scatter_(2, index, key_states[:, rep].transpose(0, 1))  # index_put_ on a permuted view: ~25x slower
+            index = slot[None, :, :, None].expand(heads, batch, new, value_states.shape[-1])
+            self.value_buffers[e].scatter_(2, index, value_states[:, rep].transpose(0, 1))
+            self.slot_positions[e].scatter_(1, slot, positions)
         self.counts = new_counts
         self._ids[:, start : start + new] = ids
         if self._token_slot is not None:

@@ -153,7 +153,8 @@ def _segment_keep(layer, keys_length, positions, valid, mask, batch, new, device
     """[B, n, L] bool or additive float mask of one segment (None: every slot is visible)."""
     token_mask = None
     if mask is not None:  # the model's mask, at the cache positions of this segment's slots
-        token_mask = mask if positions is None else mask.gather(-1, positions[:, None, :].long().expand(batch, new, keys_length))
+        token_mask = mask if positions is None else mask.gather(
+            -1, positions[:, None, :].long().expand(batch, new, keys_length))
     elif new > 1:
         if positions is None:
             positions = torch.arange(keys_length, device=device).expand(batch, keys_length)
@@ -181,7 +182,8 @@ def _flash_partial(layer, expert: int, query, mask, scaling, softcap):
     if keep is not None:
         if keep.dtype == torch.bool:
             keep = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, float("-inf"))
-        bias = keep.to(query.dtype)[:, None, None].expand(batch, 1, rep, new, length).reshape(batch, 1, rep * new, length)
+        bias = keep.to(query.dtype)[:, None, None].expand(batch, 1, rep, new, length)
+        bias = bias.reshape(batch, 1, rep * new, length)  # one row per (query head of the group, token)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         grouped, keys.transpose(0, 1), values.transpose(0, 1), 0.0, False, attn_mask=bias, scale=scaling)
     out = out.reshape(batch, q_heads, new, -1).float()
