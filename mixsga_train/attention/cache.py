@@ -32,6 +32,12 @@ GROWTH = 1.25  # capacity multiplier when a buffer is full: amortised O(1) appen
 MIN_CAPACITY = 16  # smallest buffer length (tokens per batch row)
 
 
+def routed_token_bytes(num_experts: int) -> int:
+    """Bytes a mixed layer keeps per token besides its K/V: a uint8 expert id and an int32 slot
+    position with more than one expert; none with one (GQA, CLA)."""
+    return 1 + 4 if num_experts > 1 else 0
+
+
 def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
     """``buffer`` with length >= ``needed`` along ``dim`` (contents kept, new slots zeroed)."""
     size = buffer.shape[dim]
@@ -284,8 +290,7 @@ class MixedKVLayer(CacheLayerMixin):
         total = 0
         for k, v, stored in zip(self.key_buffers, self.value_buffers, per_expert):
             total += stored * (k.shape[0] * k.shape[3] * k.element_size() + v.shape[0] * v.shape[3] * v.element_size())
-        if self.num_experts > 1:
-            total += tokens * (self._ids.element_size() + self.slot_positions[0].element_size())
+        total += tokens * routed_token_bytes(self.num_experts)
         if self._token_slot is not None:
             total += tokens * self._token_slot.element_size()
         return total

@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache
 
 from ..attention import routers
 from ..attention.adapters import adapter_for, head_dim
-from ..attention.cache import KVBudgetCache, dynamic_cache_bytes_per_token
+from ..attention.cache import KVBudgetCache, dynamic_cache_bytes_per_token, routed_token_bytes
 from .routing_scope import evaluating, num_experts
 
 
@@ -20,14 +20,14 @@ def native_kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def nominal_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> float:
-    """What the method promises: kv_budget * native bytes, plus one uint8 expert id per routed
-    layer when mixSGA has more than one expert. ``dtype`` defaults to the model's."""
+    """What the method promises: kv_budget * native bytes, plus per routed layer a uint8 expert id
+    and an int32 slot position when mixSGA has more than one expert. ``dtype`` defaults to the model's."""
     native = native_kv_bytes_per_token(model.config, dtype or model.dtype)
     resolved = getattr(model, "_mixsga_resolved", None)
     if resolved is None:
         return float(native)
     experts = num_experts(model) or 1
-    id_bytes = len(routers(model)) if experts > 1 else 0
+    id_bytes = len(routers(model)) * routed_token_bytes(experts)
     return resolved.kv_budget * native + id_bytes
 
 
