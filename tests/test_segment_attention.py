@@ -198,3 +198,15 @@ def test_training_routing_and_mixing_do_not_sync_with_the_host():
         torch.ones(3).sum().item()
         torch.tensor([True, False, True]).nonzero()
     assert check.calls == ["aten::_local_scalar_dense", "aten::nonzero"]
+
+
+def test_an_expert_without_tokens_is_skipped():
+    """Ratio 1:1:0 leaves the last expert empty (no padding: padding tokens go to the last expert)."""
+    model = converted("llama", dict(method="mixsga", ratio="1:1:0"))
+    ids, _ = padded_prompt()
+    mask = torch.ones_like(ids)
+    got, ref = generate(model, ids, mask, new=4), generate(with_reference_read(model), ids, mask, new=4)
+    assert all(layer.lengths[2] == 0 for layer in got.past_key_values.layers)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -126,7 +126,8 @@ def segment_attention(layer, query: torch.Tensor, attention_mask, scaling=None, 
     scaling = d**-0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[:, 0, :, :total].expand(batch, new, total)
     partial = _flash_partial if query.device.type == "cpu" and softcap is None else _segment_partial
-    partials = [partial(layer, e, query, mask, scaling, softcap) for e in range(layer.num_experts)]
+    experts = [e for e in range(layer.num_experts) if layer.lengths[e]]  # an empty segment adds nothing
+    partials = [partial(layer, e, query, mask, scaling, softcap) for e in experts]
     if len(partials) == 1:
         out, _, norm = partials[0]
         return (out / norm).to(query.dtype).transpose(1, 2)
