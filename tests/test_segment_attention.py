@@ -102,17 +102,12 @@ def test_a_chunk_after_cached_tokens(family):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
 
 
-class FixedRouter:
-    def __init__(self):
-        self.last_ids = None
-
-
 def test_buffers_grow_in_place_and_count_bytes():
     """Appends write only new tokens (buffers keep their storage until full, then grow by GROWTH);
     expanded() equals the tokens as given; bytes in use are exact, reserved bytes include the slack."""
     torch.manual_seed(0)
     groupings = [HeadGrouping(4, k) for k in (4, 2, 1)]
-    router = FixedRouter()
+    router = SimpleNamespace(last_ids=None)  # the ids each update stores
     layer = MixedKVLayer(groupings, router)
     batch, d = 3, 8
     keys, values, ids_all = [], [], []
