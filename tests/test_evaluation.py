@@ -114,7 +114,7 @@ def test_measured_kv_bytes_equal_nominal_for_a_prompt(cfg):
     measured = measure_kv_bytes_per_token(model, prompt)
     assert measured == pytest.approx(nominal_kv_bytes_per_token(model, torch.float32))
     budget = {None: 1.0, "mixsga": 0.5, "gqa": 0.25, "cla": 0.5}[cfg and cfg["method"]]
-    ids = 4 if cfg and cfg["method"] == "mixsga" else 0
+    ids = 4 * (1 + 4) if cfg and cfg["method"] == "mixsga" else 0  # per layer: uint8 id, int32 slot position
     assert measured == pytest.approx(budget * native + ids)
 
 

@@ -26,6 +26,7 @@ METHODS = {
 }
 HEAD_BYTES = 2 * 8 * 4  # K + V of one head of width 8, fp32
 NATIVE = 4 * 4 * HEAD_BYTES  # 4 layers x 4 KV heads
+ROUTED = 4 * (1 + 4)  # per token, 4 mixSGA layers x (uint8 expert id + int32 slot position)
 
 
 def model_for(name):
@@ -51,7 +52,8 @@ def generate(model, ids, mask, new, eos=None):
 
 def reference_slot_bytes(cache):
     """[B, T] bytes per slot computed independently of kv.py: K/V heads of the slot's expert (from the
-    layer's head groupings) + 1 expert-id byte per mixSGA layer; CLA borrowers hold nothing."""
+    layer's head groupings) + 5 bytes per mixSGA layer (a uint8 expert id and the int32 position of the
+    token's slot in its expert buffer); CLA borrowers hold nothing."""
     per_layer = []
     for layer in cache.layers:
         if isinstance(layer, MixedKVLayer):
@@ -59,7 +61,7 @@ def reference_slot_bytes(cache):
             routed = layer.expert_ids is not None
             shape = (layer.batch_size, layer.seq_length)
             ids = layer.expert_ids.long() if routed else torch.zeros(shape, dtype=torch.long)
-            per_layer.append(heads[ids] * HEAD_BYTES + (1 if routed else 0))
+            per_layer.append(heads[ids] * HEAD_BYTES + (1 + 4 if routed else 0))
         elif layer_nbytes(layer):  # transformers' DynamicLayer: native heads
             keys = layer.keys
             per_layer.append(torch.full((keys.shape[0], keys.shape[2]), keys.shape[1] * HEAD_BYTES))
@@ -137,13 +139,13 @@ def test_evaluate_lm_reports_decode_kv_and_realised_fractions():
     blocks = torch.randint(3, 96, (3, 20), generator=torch.Generator().manual_seed(2))
     ev = evaluate_lm(model, blocks, words=40, batch_size=2)
     assert ev["decode_tokens"] == 2 * (DECODE_TOKENS - 1)  # two prompts (batch_size), no EOS configured
-    assert ev["kv_bytes_per_token"] == pytest.approx(0.5 * NATIVE + 4)  # top-k over 20 tokens: exact shares
+    assert ev["kv_bytes_per_token"] == pytest.approx(0.5 * NATIVE + ROUTED)  # top-k over 20 tokens: exact shares
     native = native_kv_bytes_per_token(model.config, torch.float32)
     assert native == NATIVE
     assert ev["kv_share_decode"] == pytest.approx(ev["kv_bytes_per_token_decode"] / native)
     fr = ev["expert_fractions"]["decode"]
     heads = (4, 2, 1)
-    decode_kv = sum(f * h for f, h in zip(fr, heads)) / 4 * NATIVE + 4  # realised fractions -> bytes, + 4 id bytes
+    decode_kv = sum(f * h for f, h in zip(fr, heads)) / 4 * NATIVE + ROUTED  # realised fractions -> bytes
     assert ev["kv_bytes_per_token_decode"] == pytest.approx(decode_kv)
     assert sum(ev["expert_fractions"]["causal"]) == pytest.approx(1.0)
     assert ev["ppl_causal_routing"] != ev["ppl"]

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention import routers
 from ..attention.adapters import adapter_for, head_dim
-from ..attention.cache import MixedKVLayer, layer_nbytes
+from ..attention.cache import MixedKVLayer, layer_nbytes, routed_token_bytes
 from .routing_scope import evaluating, num_experts
 
 
@@ -29,14 +29,14 @@ def native_kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def nominal_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> float:
-    """What the method promises: kv_budget * native bytes, plus one uint8 expert id per routed
-    layer when mixSGA has more than one expert. ``dtype`` defaults to the model's."""
+    """What the method promises: kv_budget * native bytes, plus per routed layer a uint8 expert id
+    and an int32 slot position when mixSGA has more than one expert. ``dtype`` defaults to the model's."""
     native = native_kv_bytes_per_token(model.config, dtype or model.dtype)
     resolved = getattr(model, "_mixsga_resolved", None)
     if resolved is None:
         return float(native)
     experts = num_experts(model) or 1
-    id_bytes = len(routers(model)) if experts > 1 else 0
+    id_bytes = len(routers(model)) * routed_token_bytes(experts)
     return resolved.kv_budget * native + id_bytes
 
 
@@ -50,16 +50,16 @@ def _layer_shape(layer: CacheLayerMixin) -> tuple[int, int]:
     return (keys.shape[0], keys.shape[-2]) if keys is not None and keys.dim() == 4 else (0, 0)
 
 
-def _token_bytes(segment: torch.Tensor) -> int:
-    """Bytes of one token's row in an expert segment [N_e, k_e, d_h]."""
-    return segment.shape[1:].numel() * segment.element_size()
+def _token_bytes(buffer: torch.Tensor) -> int:
+    """Bytes of one token in an expert buffer [k_e, B, capacity, d_h]."""
+    return buffer.shape[0] * buffer.shape[3] * buffer.element_size()
 
 
 def _layer_slot_bytes(layer: CacheLayerMixin, batch: int, length: int) -> torch.Tensor:
     """[batch, length] fp64 bytes of one layer per slot; sums to ``layer_nbytes(layer)``.
 
     mixSGA layers: slot (b, t) holds K and V at its expert's head count (``expert_ids[b, t]``);
-    everything else the layer holds (expert ids, kernel row index) is per slot and spread evenly.
+    everything else the layer holds (expert ids, slot positions, kernel token slots) is per slot and spread evenly.
     Other layers (GQA's one expert, DynamicLayer, CLA borrowers with 0 bytes) are uniform per slot;
     a sliding-window layer that keeps only the last positions spreads its bytes over those.
     """
@@ -72,7 +72,7 @@ def _layer_slot_bytes(layer: CacheLayerMixin, batch: int, length: int) -> torch.
         raise ValueError(f"cache layer holds {rows}x{positions} slots, the cache {batch}x{length}")
     if isinstance(layer, MixedKVLayer) and layer.expert_ids is not None:
         per_expert = torch.tensor(
-            [_token_bytes(k) + _token_bytes(v) for k, v in zip(layer.segment_keys, layer.segment_values)],
+            [_token_bytes(k) + _token_bytes(v) for k, v in zip(layer.key_buffers, layer.value_buffers)],
             dtype=torch.float64,
         )
         kv = per_expert[layer.expert_ids.long().cpu()]
