@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .config import ResolvedAttention
@@ -67,6 +67,12 @@ def base_config(stored: dict) -> PretrainedConfig:
     if architectures is not None:
         stored["architectures"] = architectures
     return CONFIG_MAPPING[model_type].from_dict(stored)
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, without the remote-code prompt that ``AutoTokenizer`` (which
+    reads ``config.json`` first) gives a converted checkpoint."""
+    return AutoTokenizer.from_pretrained(path, config=base_config(read_config_json(path)))
 
 
 def save_with_remote_code(model, save_directory: str | Path, **kwargs) -> None:
