@@ -33,6 +33,9 @@ class TrainerConfig:
     keep_checkpoints: how many complete checkpoints to keep. resume: ``auto`` continues the run
     directory from its last complete checkpoint; ``never`` refuses a directory that has one.
     log_every: optimizer steps between log lines. train_only_routers: freeze everything else.
+    gradient_checkpointing: recompute each decoder layer in the backward pass (less memory).
+    deepspeed_config: optional path to a DeepSpeed JSON merged over the one built from these keys
+    (offload, ZeRO-3 options, ...); its ``"auto"`` values take the built ones (engine_config.py).
     """
 
     zero_stage: int = 2
@@ -55,6 +58,8 @@ class TrainerConfig:
     resume: str = "never"
     log_every: int = 10
     train_only_routers: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed_config: str | None = None
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -80,6 +85,10 @@ class TrainerConfig:
             raise ConfigError("trainer.save_every", f"{self.save_every} must be >= 0 (0: only at the end)")
         if self.resume not in RESUME:
             raise ConfigError("trainer.resume", f"unknown {self.resume!r}; choose one of {', '.join(RESUME)}")
+        if self.deepspeed_config is not None:
+            from .training.engine_config import read_user_config
+
+            read_user_config(self.deepspeed_config)
 
 
 @dataclass
