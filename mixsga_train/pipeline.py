@@ -20,13 +20,15 @@ from .attention.config import ResolvedAttention
 from .config import RunConfig
 from .data.config import TaskConfig
 from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
-from .data.text import LMBlockDataset, TextSplit, count_words, lm_blocks, load_text_splits
+from .data.documents import load_documents
+from .data.text import (DocumentBlockDataset, LMBlockDataset, TextSplit, count_words, document_blocks, lm_blocks,
+                        load_text_splits)
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
 from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
 from .tracking import start_tracker
-from .training.distributed import Dist, init_distributed
+from .training.distributed import Dist, init_distributed, main_process_first
 from .training.loop import train
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,10 @@ class TaskData:
 @dataclass
 class RawTask:
     """A task's data as read, before tokenising: text splits (``lm``) or record splits and
-    ROUGE-L sets (``sft``)."""
+    ROUGE-L sets (``sft``); for an ``lm`` task with a document corpus, its training documents too."""
 
     text: dict[str, TextSplit] | None = None
+    documents: object = None  # datasets.Dataset of training documents (task.train_hub_path / train_files)
     records: dict | None = None
     eval_sets: dict | None = None
 
@@ -57,21 +60,28 @@ class RawTask:
 def read_task(task: TaskConfig) -> RawTask:
     """Read (and so check) a task's files or Hub data; needs no tokenizer or model."""
     if task.kind == "lm":
-        return RawTask(text=load_text_splits(task))
+        return RawTask(text=load_text_splits(task), documents=load_documents(task))
     records = load_sft_splits(task)
     return RawTask(records=records, eval_sets=load_eval_sets(task, records["test"]))
 
 
-def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> TaskData:
-    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``)."""
+def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None, is_main: bool = True) -> TaskData:
+    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``).
+    A document corpus is tokenised by the main process first; the other ranks then load its cache."""
     task = cfg.task
     raw = raw if raw is not None else read_task(task)
     if task.kind == "lm":
         splits = raw.text
-        train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
+        if raw.documents is not None:
+            origin = task.train_files or task.train_hub_path
+            with main_process_first(is_main):
+                train = DocumentBlockDataset(document_blocks(raw.documents, tokenizer, task.seq_len, task.max_train_tokens, origin))
+        else:
+            train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
+            train = LMBlockDataset(train_blocks)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
         evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
-        return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, count_words(evaluated_text))
+        return TaskData(train, _stack, eval_blocks, count_words(evaluated_text))
     splits = raw.records
     collate = SFTCollator(tokenizer.pad_token_id)
     test = SFTDataset(splits["test"][: task.eval_max_examples], tokenizer, task.max_len, task.max_prompt_len)
@@ -108,8 +118,8 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     resume_step = check_run_dir(run_dir, cfg.trainer.resume)
     raw = read_task(cfg.task)
     model, tokenizer = load_model(cfg.model)
-    data = load_task_data(cfg, tokenizer, raw)
     dist = init_distributed()
+    data = load_task_data(cfg, tokenizer, raw, dist.is_main)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))
