@@ -22,7 +22,8 @@ from .data.config import TaskConfig
 from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
 from .data.documents import load_documents
 from .data.text import (DocumentBlockDataset, LMBlockDataset, TextSplit, count_words, document_blocks, lm_blocks,
-                        load_text_splits)
+                        load_text_splits, tokenize_corpus)
+from .evaluation.rolling import rolling_windows
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
@@ -42,6 +43,7 @@ class TaskData:
     collate: object
     eval_blocks: torch.Tensor | None = None
     eval_words: int | None = None
+    eval_labels: torch.Tensor | None = None  # rolling windows (task.stride < seq_len): -100 on context tokens
     test_batches: list | None = None
     eval_sets: dict | None = None
 
@@ -81,6 +83,10 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None, is_mai
             train = LMBlockDataset(train_blocks)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
         evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
+        if task.eval_stride() < task.seq_len:
+            stream = tokenize_corpus(splits["test"].text, tokenizer, task.max_eval_tokens)
+            windows, labels = rolling_windows(stream, task.seq_len, task.eval_stride())
+            return TaskData(train, _stack, windows, count_words(tokenizer.decode(stream.tolist())), labels)
         return TaskData(train, _stack, eval_blocks, count_words(evaluated_text))
     splits = raw.records
     collate = SFTCollator(tokenizer.pad_token_id)
@@ -101,7 +107,7 @@ def _stack(items: list[dict]) -> dict:
 
 def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> dict:
     if cfg.task.kind == "lm":
-        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size)
+        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size, data.eval_labels)
     return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size, cfg.seed)
 
 

@@ -48,7 +48,9 @@ class TaskConfig:
         once with ``datasets.map`` (cached, EOS after every document). Evaluation still uses the
         test split of the source above (local_dir / package / hub_path).
     seq_len: lm only: tokens per training/eval block.
-    stride: lm only: eval window step in tokens; ``None`` means ``seq_len`` (non-overlapping).
+    stride: lm only: eval window step in tokens; ``None`` or ``seq_len``: non-overlapping blocks;
+        smaller: rolling windows (lm-eval's ``loglikelihood_rolling``): every test token after the
+        first is predicted once, with at least ``seq_len - stride`` tokens of context.
     max_train_tokens / max_eval_tokens: lm only: optional caps on the tokens used.
     jsonl: sft only: local instruction file (Dolly fields or instruction/input/output).
     split_sizes: sft only: train/valid/test record counts drawn by a seeded permutation.

@@ -9,15 +9,22 @@ from torch import nn
 from .generation import generate_and_score
 from .kv import measure_kv_bytes_per_token
 from .perplexity import evaluate_perplexity, evaluate_response_perplexity
+from .rolling import evaluate_rolling_perplexity
 from .routing_scope import num_experts
 
 
-def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int) -> dict:
+def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int,
+                labels: torch.Tensor | None = None) -> dict:
     """Token and word perplexity of ``blocks`` [N, L] with top-k routing (the paper's protocol)
     and with causal argmax routing (the same pass for models without routers); KV bytes measured
-    from a one-block prefill."""
-    topk = evaluate_perplexity(model, blocks, batch_size, "topk", words)
-    causal = evaluate_perplexity(model, blocks, batch_size, "argmax", words) if num_experts(model) else topk
+    from a one-block prefill. ``labels`` [N, L]: the blocks are rolling windows (``rolling.py``)."""
+    def perplexity(routing: str):
+        if labels is not None:
+            return evaluate_rolling_perplexity(model, blocks, labels, batch_size, routing, words)
+        return evaluate_perplexity(model, blocks, batch_size, routing, words)
+
+    topk = perplexity("topk")
+    causal = perplexity("argmax") if num_experts(model) else topk
     return {
         "ppl": topk.ppl,
         "ppl_causal_routing": causal.ppl,
