@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.instructions import EvalExample, encode_prompt
 from .kv import cache_bytes_per_token
+from .progress import progress
 from .rouge import mean_rouge_l
 from .routing_scope import evaluating
 
@@ -58,7 +59,7 @@ def generate_and_score(
     devices = [device] if device.type == "cuda" else []
     with evaluating(model, "auto") as stats, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in range(0, len(examples), batch_size):
+        for start in progress(range(0, len(examples), batch_size), "generation"):
             prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_len) for ex in examples[start : start + batch_size]]
             input_ids, attention_mask = left_pad(prompts, pad_id)
             out = model.generate(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .progress import progress
 from .routing_scope import evaluating
 
 PPL_ROUTINGS = ("topk", "argmax")
@@ -75,7 +76,7 @@ def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
     nll = torch.zeros((), dtype=torch.float64)
     tokens = 0
     with evaluating(model, routing) as stats:
-        for batch in batches:
+        for batch in progress(batches, f"perplexity ({routing})"):
             batch = {k: v.to(device) for k, v in batch.items()}
             targets = batch.pop("labels", batch["input_ids"])[:, 1:]
             logits = model(**batch, use_cache=False).logits[:, :-1]
