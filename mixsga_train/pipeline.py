@@ -29,7 +29,7 @@ from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
 from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
 from .tracking import start_tracker
-from .training.distributed import Dist, init_distributed, main_process_first
+from .training.distributed import Dist, full_parameters, init_distributed, main_process_first
 from .training.loop import train
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,11 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
     after = evaluate(model, tokenizer, data, cfg)
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
+    with full_parameters(model):  # ZeRO-3: the saved weights are the gathered, not the partitioned, ones
+        if dist.is_main:
+            model.save_pretrained(run_dir / "model")
+            tokenizer.save_pretrained(run_dir / "model")
     if dist.is_main:
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
         write_json_atomic(run_dir / METRICS, metrics)
     tracker.summary(metrics)
     tracker.finish()

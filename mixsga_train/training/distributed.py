@@ -128,6 +128,16 @@ def barrier() -> None:
 
 
 @contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Every rank enters together; inside, a ZeRO-3 model's partitioned parameters are gathered in
+    full on every rank (e.g. for rank 0's ``save_pretrained``). A no-op for ZeRO 0-2."""
+    params = list(model.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
+        yield
+
+
+@contextmanager
 def main_process_first(is_main: bool) -> Iterator[None]:
     """Rank 0 runs the block first (e.g. tokenising into the ``datasets`` cache), then the other
     ranks run it and find the cache; a no-op on one process."""
