@@ -10,18 +10,19 @@ by its own router (causal, what streaming decoding sees). lm-eval right-pads log
 batches without an attention mask; top-k routing would count that padding as tokens, so
 ``auto`` needs ``batch_size=1`` (argmax routing is per token and batches freely).
 
-From the command line::
+Use::
 
-    lm_eval --include_path ... --model mixsga --model_args pretrained=RUN/model --tasks hellaswag
-    mixsga-evaluate RUN --harness hellaswag,arc_easy      # the same, results in RUN/harness.json
-
-(``lm_eval`` needs ``import mixsga_train.harness`` to know the name; ``mixsga-evaluate`` does that.)
+    mixsga-evaluate RUN --harness hellaswag,arc_easy      # results in RUN/harness.json
+    import lm_eval, mixsga_train.harness                  # registers the name "mixsga"
+    lm_eval.simple_evaluate(model="mixsga", model_args="pretrained=RUN/model,routing=argmax", batch_size=8,
+                            tasks=["hellaswag"])
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from .attention import load_converted, routing_context
@@ -35,10 +36,12 @@ PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "
 @register_model("mixsga")
 class MixSGAHarnessLM(HFLM):
     """``pretrained``: a checkpoint folder saved by mixsga-train (or a loaded converted model, then
-    pass ``tokenizer``). ``routing``: ``auto`` or ``argmax`` (module docstring). Other keyword
-    arguments go to ``HFLM`` (``max_length``, ``add_bos_token``, ...)."""
+    pass ``tokenizer``). ``routing``: ``auto`` or ``argmax`` (module docstring). ``device`` and
+    ``dtype`` (e.g. ``bfloat16``) apply to a folder (default: CUDA when available, the saved dtype).
+    Other keyword arguments go to ``HFLM`` (``max_length``, ``add_bos_token``, ...)."""
 
-    def __init__(self, pretrained, routing: str = "auto", batch_size: int | str = 1, tokenizer=None, **kwargs):
+    def __init__(self, pretrained, routing: str = "auto", batch_size: int | str = 1, tokenizer=None,
+                 device: str | None = None, dtype: str | torch.dtype | None = None, **kwargs):
         if routing not in HARNESS_ROUTINGS:
             raise ValueError(f"routing={routing!r}: choose one of {', '.join(HARNESS_ROUTINGS)}")
         if routing == "auto" and int(batch_size) != 1:
@@ -48,7 +51,10 @@ class MixSGAHarnessLM(HFLM):
             )
         if isinstance(pretrained, (str, Path)):
             tokenizer = tokenizer or load_tokenizer(pretrained)
-            pretrained = load_converted(pretrained)
+            if isinstance(dtype, str):
+                dtype = None if dtype == "auto" else getattr(torch, dtype)
+            pretrained = load_converted(pretrained, dtype=dtype)
+            pretrained.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer=...")
         if getattr(pretrained, "_mixsga_resolved", None) is not None:

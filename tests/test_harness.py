@@ -125,3 +125,13 @@ def test_an_unknown_task_is_named(checkpoint, monkeypatch):
     monkeypatch.chdir(FIXTURES)
     with pytest.raises(ValueError, match="unknown lm-eval task.*no_such_task"):
         run_harness(checkpoint, ["no_such_task"], FIXTURES)
+
+
+def test_the_name_mixsga_is_registered_with_lm_eval(checkpoint, monkeypatch):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("mixsga") is MixSGAHarnessLM
+    monkeypatch.chdir(FIXTURES)
+    out = simple_evaluate(model="mixsga", model_args=f"pretrained={checkpoint},routing=argmax,dtype=float32",
+                          batch_size=2, tasks=TASKS[:1], task_manager=TaskManager(include_path=str(FIXTURES)))
+    assert 0 <= out["results"][TASKS[0]]["acc,none"] <= 1
