@@ -33,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model directory (default: RUN_DIR/model)")
     parser.add_argument("--name", default=None, help="output file name: RUN_DIR/<name>.json (default eval, harness)")
     harness = parser.add_argument_group("lm-evaluation-harness")
-    harness.add_argument("--harness", default=None, metavar="TASKS", help="comma-separated lm-eval tasks, e.g. arc_easy,piqa")
+    harness.add_argument("--harness", default=None, metavar="TASKS",
+                         help="comma-separated lm-eval tasks, e.g. arc_easy,piqa")
     harness.add_argument("--harness-include", type=Path, default=None, metavar="DIR", help="folder of extra task YAMLs")
     harness.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
@@ -116,7 +117,8 @@ def evaluate_harness(args: argparse.Namespace, checkpoint: Path, resolved) -> No
     out = args.run_dir / f"{args.name or 'harness'}.json"
     payload = {"checkpoint": str(checkpoint), "attention": resolved.describe(), "routing": args.routing,
                "results": results["results"], "n-shot": results.get("n-shot"), "versions": results.get("versions")}
-    write_json_atomic(out, json.loads(json.dumps(payload, default=lambda v: v.item() if hasattr(v, "item") else str(v))))
+    plain = json.loads(json.dumps(payload, default=lambda v: v.item() if hasattr(v, "item") else str(v)))  # numpy -> JSON
+    write_json_atomic(out, plain)
     for task, values in results["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and "stderr" not in k)
         print(f"{task}: {shown}")

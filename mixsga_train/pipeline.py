@@ -77,10 +77,12 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None, is_mai
         if raw.documents is not None:
             origin = task.train_files or task.train_hub_path
             with main_process_first(is_main):
-                train = DocumentBlockDataset(document_blocks(raw.documents, tokenizer, task.seq_len, task.max_train_tokens, origin))
+                blocks = document_blocks(raw.documents, tokenizer, task.seq_len, task.max_train_tokens, origin)
+            train = DocumentBlockDataset(blocks)
         else:
-            train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
-            train = LMBlockDataset(train_blocks)
+            train_split = splits["train"]
+            blocks = lm_blocks(train_split.text, tokenizer, task.seq_len, task.max_train_tokens, train_split.origin)
+            train = LMBlockDataset(blocks)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
         evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
         if task.eval_stride() < task.seq_len:

@@ -43,7 +43,8 @@ def test_blocks_are_the_documents_tokens_with_eos_between_them(tmp_path, fmt):
     documents = load_documents(task)
     assert documents.column_names == ["text"] and documents["text"] == DOCS
     blocks = document_blocks(documents, tokenizer, seq_len=8)
-    stream = [t for doc in DOCS for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    eos = tokenizer.eos_token_id
+    stream = [t for doc in DOCS for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]]
     expected = torch.tensor(stream[: len(stream) // 8 * 8]).view(-1, 8)
     data = DocumentBlockDataset(blocks)
     assert len(data) == expected.shape[0]

@@ -56,7 +56,8 @@ def test_user_deepspeed_json_is_merged_over_the_built_config(tmp_path):
     user = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_clipping": 0.5,
-        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                              "stage3_gather_16bit_weights_on_model_save": True},
         "optimizer": {"params": {"lr": "auto", "weight_decay": 0.0}},
     }
     cfg = TrainerConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, deepspeed_config=_user_json(tmp_path, user))

@@ -2,6 +2,7 @@
 processes (torchrun, gloo, ZeRO-3, grad_accum=1) against the one-process reference run (grad_accum=2): the same
 global batches, so the saved models agree (tolerance as in test_multiprocess.py)."""
 
+import json
 import sys
 
 import torch
@@ -12,8 +13,13 @@ from training_runs import command, reference_run, run
 
 def test_zero3_two_process_save_equals_the_one_process_model(tmp_path):
     run_dir = tmp_path / "run"
+    # DeepSpeed keeps parameters under 1e5 elements (all of a tiny model's) whole on every rank;
+    # threshold 0 partitions every one, as a real model's large matrices are.
+    user_json = tmp_path / "ds.json"
+    user_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = run([*launcher, *command(run_dir, "trainer.grad_accum=1", "zero=stage3")[1:]], timeout=600)
+    extra = ("trainer.grad_accum=1", "zero=stage3", f"trainer.deepspeed_config={user_json}")
+    proc = run([*launcher, *command(run_dir, *extra)[1:]], timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     saved = load_file(run_dir / "model" / "model.safetensors")
     reference = load_file(reference_run() / "model" / "model.safetensors")

@@ -155,7 +155,9 @@ class TaskConfig:
         if self.train_files is not None:
             files = sorted(glob.glob(str(Path(self.train_files).expanduser())))
             if not files:
-                raise ConfigError("task.train_files", f"{self.train_files} matches no file; give .parquet or .jsonl files")
+                raise ConfigError(
+                    "task.train_files", f"{self.train_files} matches no file; give .parquet or .jsonl files"
+                )
             odd = [f for f in files if not f.endswith(DOCUMENT_SUFFIXES)]
             if odd:
                 raise ConfigError(
@@ -165,7 +167,9 @@ class TaskConfig:
     def _validate_sft(self) -> None:
         for key in ("train_hub_path", "train_files"):
             if getattr(self, key) is not None:
-                raise ConfigError(f"task.{key}", "is for kind=lm (a document corpus to train on); remove it for kind=sft")
+                raise ConfigError(
+                    f"task.{key}", "is for kind=lm (a document corpus to train on); remove it for kind=sft"
+                )
         for key in ("local_dir", "package"):
             if getattr(self, key) is not None:
                 raise ConfigError(f"task.{key}", "is for kind=lm; use jsonl (or hub_path) for kind=sft")

@@ -21,7 +21,9 @@ def rolling_windows(ids: torch.Tensor, seq_len: int, stride: int) -> tuple[torch
     from lm_eval.utils import get_rolling_token_windows
 
     if not 1 <= stride < seq_len <= ids.numel():
-        raise ValueError(f"need 1 <= stride < seq_len <= tokens, got stride={stride}, seq_len={seq_len}, {ids.numel()} tokens")
+        raise ValueError(
+            f"need 1 <= stride < seq_len <= tokens, got stride={stride}, seq_len={seq_len}, {ids.numel()} tokens"
+        )
     tokens = ids.tolist()
     windows, labels = [], []
     # lm-eval predicts len(token_list) tokens from max_seq_len inputs; a window here holds both (+1).

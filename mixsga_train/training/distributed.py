@@ -38,11 +38,12 @@ def slurm_environment(env: dict[str, str]) -> dict[str, str]:
     hostnames`` when available)."""
     if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
         return {}
+    nodelist = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
     return {
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": env["SLURM_NTASKS"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST", "")),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
         "MASTER_PORT": env.get("MASTER_PORT", DEFAULT_MASTER_PORT),
     }
 

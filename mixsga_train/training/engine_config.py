@@ -53,7 +53,9 @@ def read_user_config(path: str) -> dict:
     except json.JSONDecodeError as err:
         raise ConfigError("trainer.deepspeed_config", f"{file} line {err.lineno}: invalid JSON ({err.msg})") from None
     if not isinstance(user, dict):
-        raise ConfigError("trainer.deepspeed_config", f"{file} holds a {type(user).__name__}; a DeepSpeed config is an object")
+        raise ConfigError(
+            "trainer.deepspeed_config", f"{file} holds a {type(user).__name__}; a DeepSpeed config is an object"
+        )
     for unsupported in ("scheduler",):
         if unsupported in user:
             raise ConfigError(
