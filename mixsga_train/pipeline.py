@@ -67,19 +67,16 @@ def read_task(task: TaskConfig) -> RawTask:
     return RawTask(records=records, eval_sets=load_eval_sets(task, records["test"]))
 
 
-def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None, is_main: bool = True) -> TaskData:
+def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> TaskData:
     """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``).
-    A document corpus is tokenised by the main process first; the other ranks then load its cache."""
+    A document corpus is not tokenised here (``train`` is None): ``document_train_set`` does it once
+    the process group exists."""
     task = cfg.task
     raw = raw if raw is not None else read_task(task)
     if task.kind == "lm":
         splits = raw.text
-        if raw.documents is not None:
-            origin = task.train_files or task.train_hub_path
-            with main_process_first(is_main):
-                blocks = document_blocks(raw.documents, tokenizer, task.seq_len, task.max_train_tokens, origin)
-            train = DocumentBlockDataset(blocks)
-        else:
+        train = None
+        if raw.documents is None:
             train_split = splits["train"]
             blocks = lm_blocks(train_split.text, tokenizer, task.seq_len, task.max_train_tokens, train_split.origin)
             train = LMBlockDataset(blocks)
@@ -101,6 +98,15 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None, is_mai
         test_batches=test_batches,
         eval_sets=raw.eval_sets,
     )
+
+
+def document_train_set(task: TaskConfig, documents, tokenizer, is_main: bool) -> DocumentBlockDataset:
+    """The training blocks of a document corpus: rank 0 tokenises into the ``datasets`` cache
+    first, then the other ranks load it (``main_process_first``)."""
+    origin = task.train_files or task.train_hub_path
+    with main_process_first(is_main):
+        blocks = document_blocks(documents, tokenizer, task.seq_len, task.max_train_tokens, origin)
+    return DocumentBlockDataset(blocks)
 
 
 def _stack(items: list[dict]) -> dict:
@@ -126,8 +132,10 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     resume_step = check_run_dir(run_dir, cfg.trainer.resume)
     raw = read_task(cfg.task)
     model, tokenizer = load_model(cfg.model)
+    data = load_task_data(cfg, tokenizer, raw)
     dist = init_distributed()
-    data = load_task_data(cfg, tokenizer, raw, dist.is_main)
+    if raw.documents is not None:
+        data.train = document_train_set(cfg.task, raw.documents, tokenizer, dist.is_main)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))

@@ -90,7 +90,7 @@ def test_bad_document_sources_are_named(tmp_path):
 
 
 def test_load_task_data_trains_on_documents_and_evaluates_on_the_text_corpus(tmp_path):
-    from mixsga_train.pipeline import load_task_data
+    from mixsga_train.pipeline import document_train_set, load_task_data, read_task
 
     path = write_corpus(tmp_path / "corpus", "parquet")
     wiki = tmp_path / "wiki"
@@ -99,6 +99,9 @@ def test_load_task_data_trains_on_documents_and_evaluates_on_the_text_corpus(tmp
     (wiki / "test.txt").write_text("held out test text " * 40)
     cfg = RunConfig(task=TaskConfig(name="docs", train_files=str(path), local_dir=str(wiki), seq_len=8))
     cfg.task.validate()
-    data = load_task_data(cfg, tiny_tokenizer())
-    assert isinstance(data.train, DocumentBlockDataset) and data.train[0]["input_ids"].shape == (8,)
+    raw = read_task(cfg.task)
+    data = load_task_data(cfg, tiny_tokenizer(), raw)
+    assert data.train is None  # tokenised after the process group exists, rank 0 first
+    train = document_train_set(cfg.task, raw.documents, tiny_tokenizer(), is_main=True)
+    assert isinstance(train, DocumentBlockDataset) and train[0]["input_ids"].shape == (8,)
     assert data.eval_blocks.shape == (len("held out test text " * 40) // 8, 8)  # bytes: one token each
