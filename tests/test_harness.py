@@ -33,11 +33,19 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def harness_samples(checkpoint, monkeypatch, routing="auto"):
-    monkeypatch.chdir(FIXTURES)  # the task YAMLs name their data file relative to the working directory
-    lm = MixSGAHarnessLM(str(checkpoint), routing=routing, device="cpu")
-    out = simple_evaluate(model=lm, tasks=TASKS, task_manager=TaskManager(include_path=str(FIXTURES)), log_samples=True)
-    return lm, out
+@pytest.fixture(scope="module")
+def auto_run(checkpoint):
+    """One harness run of both tasks under auto routing, counting the mixSGA caches ``generate()`` builds."""
+    import mixsga_train.attention.convert as convert
+
+    built, build_cache = [], convert.build_cache
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convert, "build_cache", lambda model: built.append(1) or build_cache(model))
+        patch.chdir(FIXTURES)  # the task YAMLs name their data file relative to the working directory
+        lm = MixSGAHarnessLM(str(checkpoint), device="cpu")
+        out = simple_evaluate(model=lm, tasks=TASKS, task_manager=TaskManager(include_path=str(FIXTURES)),
+                              log_samples=True)
+    return lm, out, len(built)
 
 
 def own_loglikelihood(model, context_ids, continuation_ids, routing):
@@ -47,8 +55,8 @@ def own_loglikelihood(model, context_ids, continuation_ids, routing):
     return logprobs.gather(-1, torch.tensor(continuation_ids)[:, None]).sum().item()
 
 
-def test_loglikelihoods_are_the_converted_models_under_topk_routing(checkpoint, monkeypatch):
-    lm, out = harness_samples(checkpoint, monkeypatch)
+def test_loglikelihoods_are_the_converted_models_under_topk_routing(auto_run):
+    lm, out, _ = auto_run
     samples = out["samples"]["mixsga_tiny_choice"]
     assert len(samples) == 4 and 0 <= out["results"]["mixsga_tiny_choice"]["acc,none"] <= 1
     gaps = []
@@ -77,15 +85,10 @@ def test_top_k_routing_refuses_padded_batches(checkpoint):
         MixSGAHarnessLM(str(checkpoint), batch_size=4, device="cpu")
 
 
-def test_generation_goes_through_generate_with_the_mixsga_cache(checkpoint, monkeypatch):
-    import mixsga_train.attention.convert as convert
-
-    built = []
-    build_cache = convert.build_cache
-    monkeypatch.setattr(convert, "build_cache", lambda model: built.append(1) or build_cache(model))
-    lm, out = harness_samples(checkpoint, monkeypatch)
+def test_generation_goes_through_generate_with_the_mixsga_cache(auto_run):
+    lm, out, built = auto_run
     samples = out["samples"]["mixsga_tiny_gen"]
-    assert len(built) >= len(samples) == 4
+    assert built >= len(samples) == 4
     for sample in samples:
         (context, gen_kwargs), = sample["arguments"]
         prompt = lm.tok_encode(context)
