@@ -42,6 +42,9 @@ class TrainerConfig:
     router_lr_mult: mixSGA routers train at router_lr_mult * lr, without weight decay.
     eval_every: evaluate every N optimizer steps during training and track the numbers as curves
     (0: only before and after training).
+    gradient_checkpointing: recompute each decoder layer in the backward pass (less memory).
+    deepspeed_config: optional path to a DeepSpeed JSON merged over the one built from these keys
+    (offload, ZeRO-3 options, ...); its ``"auto"`` values take the built ones (engine_config.py).
     """
 
     zero_stage: int = 2
@@ -66,6 +69,8 @@ class TrainerConfig:
     train_only_routers: bool = False
     router_lr_mult: float = 1.0
     eval_every: int = 0
+    gradient_checkpointing: bool = False
+    deepspeed_config: str | None = None
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -102,6 +107,10 @@ class TrainerConfig:
             raise ConfigError("trainer.save_every", f"{self.save_every} must be >= 0 (0: only at the end)")
         if self.resume not in RESUME:
             raise ConfigError("trainer.resume", f"unknown {self.resume!r}; choose one of {', '.join(RESUME)}")
+        if self.deepspeed_config is not None:
+            from .training.engine_config import read_user_config
+
+            read_user_config(self.deepspeed_config)
 
 
 @dataclass

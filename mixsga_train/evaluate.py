@@ -8,11 +8,16 @@ whole group with the shipped option, then ``key=value`` (OmegaConf dot-list, e.g
 ``eval``). A checkpoint converted with another method or budget than the config says is refused, and
 so is a name the run already uses (``metrics``, ``eval_before``, ..., or an earlier evaluation's):
 finished results are never overwritten.
+
+``--harness TASKS`` evaluates the checkpoint with lm-evaluation-harness instead (comma-separated
+lm-eval task names; ``--harness-include DIR`` adds task YAMLs of your own) and writes lm-eval's
+results to ``RUN_DIR/harness.json`` (see ``harness.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,7 +36,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("run_dir", type=Path, help="a run directory written by mixsga-train")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model directory (default: RUN_DIR/model)")
-    parser.add_argument("--name", default="eval", help="output file name: RUN_DIR/<name>.json (a new name)")
+    parser.add_argument("--name", default=None, help="output file name: RUN_DIR/<name>.json (default eval, harness)")
+    harness = parser.add_argument_group("lm-evaluation-harness")
+    harness.add_argument("--harness", default=None, metavar="TASKS",
+                         help="comma-separated lm-eval tasks, e.g. arc_easy,piqa")
+    harness.add_argument("--harness-include", type=Path, default=None, metavar="DIR", help="folder of extra task YAMLs")
+    harness.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    harness.add_argument("--routing", default="auto", choices=["auto", "argmax"], help="mixSGA routing (harness.py)")
+    harness.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (> 1 needs --routing argmax)")
     return parser.parse_args(argv)
 
 
@@ -83,6 +96,7 @@ def read_config(config_file: Path, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.name = args.name or ("harness" if args.harness is not None else "eval")
     try:
         config_file = args.run_dir / "config.yaml"
         if not config_file.is_file():
@@ -96,13 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    from .attention.persistence import load_converted
+    if args.harness is not None:
+        evaluate_harness(args, checkpoint, resolved)
+        return
+    from .attention.persistence import load_converted, load_tokenizer
     from .pipeline import evaluate, load_task_data
-    from transformers import AutoTokenizer
 
     try:
         model = load_converted(checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = load_tokenizer(checkpoint)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         results = evaluate(model, tokenizer, load_task_data(run_cfg, tokenizer), run_cfg)
@@ -133,6 +149,32 @@ def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: 
     track_eval(tracker, args.name, results, 0)
     tracker.summary({args.name: results})
     tracker.finish()
+
+
+def evaluate_harness(args: argparse.Namespace, checkpoint: Path, resolved) -> None:
+    """``--harness``: lm-eval on the checkpoint; lm-eval's per-task results go to RUN_DIR/<name>.json."""
+    from .harness import run_harness
+
+    tasks = [t for t in args.harness.split(",") if t]
+    try:
+        if not tasks:
+            raise ConfigError("--harness", "no task given; pass lm-eval task names, e.g. --harness arc_easy,piqa")
+        if args.harness_include is not None and not args.harness_include.is_dir():
+            raise ConfigError("--harness-include", f"{args.harness_include} is not a directory of task YAMLs")
+        results = run_harness(checkpoint, tasks, args.harness_include, args.limit, args.num_fewshot, args.routing,
+                              args.batch_size)
+        out = check_output_name(args.run_dir, args.name)  # again: another evaluation may have written it meanwhile
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    payload = {"checkpoint": str(checkpoint), "attention": resolved.describe(), "routing": args.routing,
+               "results": results["results"], "n-shot": results.get("n-shot"), "versions": results.get("versions")}
+    plain = json.loads(json.dumps(payload, default=lambda v: v.item() if hasattr(v, "item") else str(v)))  # numpy -> JSON
+    write_json_atomic(out, plain)
+    for task, values in results["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and "stderr" not in k)
+        print(f"{task}: {shown}")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

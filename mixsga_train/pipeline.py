@@ -18,9 +18,12 @@ from .attention import convert_model
 from .attention.config import ResolvedAttention
 from .config import RunConfig
 from .data.config import TaskConfig
+from .data.documents import load_documents
 from .data.instructions import EvalExample, SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
-from .data.text import LMBlockDataset, TextSplit, lm_blocks, load_text_splits
+from .data.text import (DocumentBlockDataset, LMBlockDataset, TextSplit, count_words, document_blocks, lm_blocks,
+                        load_text_splits, tokenize_corpus)
 from .evaluation.generation import generate_and_score
+from .evaluation.rolling import rolling_windows
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.perplexity import scored_words
 from .evaluation.suite import evaluate_lm, evaluate_sft
@@ -28,7 +31,7 @@ from .models.registry import load_model
 from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error, write_config,
                       write_json_atomic)
 from .tracking import run_name, start_tracker
-from .training.distributed import Dist, init_distributed
+from .training.distributed import Dist, full_parameters, init_distributed, main_process_first
 from .training.loop import total_steps, train
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class TaskData:
     collate: object
     eval_blocks: torch.Tensor | None = None
     eval_words: int | None = None
+    eval_labels: torch.Tensor | None = None  # rolling windows (task.stride < seq_len): -100 on context tokens
     test_batches: list | None = None
     eval_sets: dict | None = None
 
@@ -49,9 +53,10 @@ class TaskData:
 @dataclass
 class RawTask:
     """A task's data as read, before tokenising: text splits (``lm``) or record splits and
-    ROUGE-L sets (``sft``)."""
+    ROUGE-L sets (``sft``); for an ``lm`` task with a document corpus, its training documents too."""
 
     text: dict[str, TextSplit] | None = None
+    documents: object = None  # datasets.Dataset of training documents (task.train_hub_path / train_files)
     records: dict | None = None
     eval_sets: dict | None = None
 
@@ -59,20 +64,30 @@ class RawTask:
 def read_task(task: TaskConfig) -> RawTask:
     """Read (and so check) a task's files or Hub data; needs no tokenizer or model."""
     if task.kind == "lm":
-        return RawTask(text=load_text_splits(task))
+        return RawTask(text=load_text_splits(task), documents=load_documents(task))
     records = load_sft_splits(task)
     return RawTask(records=records, eval_sets=load_eval_sets(task, records["test"]))
 
 
 def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> TaskData:
-    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``)."""
+    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``).
+    A document corpus is not tokenised here (``train`` is None): ``document_train_set`` does it once
+    the process group exists."""
     task = cfg.task
     raw = raw if raw is not None else read_task(task)
     if task.kind == "lm":
         splits = raw.text
-        train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
+        train = None
+        if raw.documents is None:
+            train_split = splits["train"]
+            blocks = lm_blocks(train_split.text, tokenizer, task.seq_len, task.max_train_tokens, train_split.origin)
+            train = LMBlockDataset(blocks)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
-        return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, scored_words(tokenizer, eval_blocks))
+        if task.eval_stride() < task.seq_len:
+            stream = tokenize_corpus(splits["test"].text, tokenizer, task.max_eval_tokens)
+            windows, labels = rolling_windows(stream, task.seq_len, task.eval_stride())
+            return TaskData(train, _stack, windows, count_words(tokenizer.decode(stream.tolist())), labels)
+        return TaskData(train, _stack, eval_blocks, scored_words(tokenizer, eval_blocks))
     splits = raw.records
     collate = SFTCollator(tokenizer.pad_token_id)
     test = SFTDataset(splits["test"][: task.eval_max_examples], tokenizer, task.max_len, task.max_prompt_len)
@@ -86,13 +101,22 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> Tas
     )
 
 
+def document_train_set(task: TaskConfig, documents, tokenizer, is_main: bool) -> DocumentBlockDataset:
+    """The training blocks of a document corpus: rank 0 tokenises into the ``datasets`` cache
+    first, then the other ranks load it (``main_process_first``)."""
+    origin = task.train_files or task.train_hub_path
+    with main_process_first(is_main):
+        blocks = document_blocks(documents, tokenizer, task.seq_len, task.max_train_tokens, origin)
+    return DocumentBlockDataset(blocks)
+
+
 def _stack(items: list[dict]) -> dict:
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
 
 def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> dict:
     if cfg.task.kind == "lm":
-        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size)
+        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size, data.eval_labels)
     return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size, cfg.seed)
 
 
@@ -111,6 +135,8 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     model, tokenizer = load_model(cfg.model)
     data = load_task_data(cfg, tokenizer, raw)
     dist = init_distributed()
+    if raw.documents is not None:
+        data.train = document_train_set(cfg.task, raw.documents, tokenizer, dist.is_main)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, config_yaml)
@@ -140,8 +166,10 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     if tracker.active and cfg.logger.samples:
         tracker.table("samples", ["prompt", "reference", "generation"], generation_samples(model, tokenizer, data, cfg))
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
+    with full_parameters(model):  # ZeRO-3: the saved weights are the gathered, not the partitioned, ones
+        if dist.is_main:
+            save_model(model, tokenizer, run_dir / "model")
     if dist.is_main:
-        save_model(model, tokenizer, run_dir / "model")
         write_json_atomic(run_dir / METRICS, metrics)
     tracker.summary(metrics)
     tracker.finish()

@@ -57,6 +57,8 @@ def test_paper_experiments_reproduce_the_papers_settings():
     cpt = to_run_config(composed(["experiment=paper_cpt_tinyllama"]))
     r = cpt.validate()
     assert (r.expert_kv_heads, r.kv_budget, cpt.trainer.lr, cpt.trainer.betas) == ([4, 2, 1], 0.5, 2e-4, [0.9, 0.95])
+    assert (cpt.task.train_hub_path, cpt.task.hub_path, cpt.trainer.epochs) == ("JeanKaddour/minipile", "wikitext", 1)
+    assert cpt.task.seq_len * cpt.trainer.micro_batch_size * cpt.trainer.grad_accum * 8 == 256 * 1024  # on 8 GPUs
     sft = to_run_config(composed(["experiment=paper_sft_llama3_2_1b"]))
     r = sft.validate()
     assert (r.expert_kv_heads, r.kv_budget, sft.trainer.lr, sft.task.split_sizes) == ([8, 4, 2], 0.5, 5e-5, [14000, 500, 500])

@@ -2,12 +2,14 @@
 
 The weights are kept (mixSGA shares them across experts; GQA mean-pools them; CLA keeps one
 K/V projection per layer group); mixSGA adds one router per layer. The resolved configuration
-is stored on ``model.config.mixsga`` so ``save_pretrained`` + ``load_converted`` round-trip.
+is stored on ``model.config.mixsga`` so ``save_pretrained`` + ``load_converted`` (or
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``) round-trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from types import MethodType
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from .cache import KVBudgetCache, MixedKVLayer, SharedKVLayer
 from .config import AttentionConfig, ResolvedAttention
 from .decode_kernel import enable_decode_kernel
 from .heads import HeadGrouping
+from .persistence import save_with_remote_code
 from .projections import MixedHeadProjection, PooledHeadProjection, SharedKVBorrower, SharedKVOwner
 from .routing import RoutingContext, TokenRouter
 from .segment_attention import enable_segment_read
@@ -54,6 +57,7 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
     model._mixsga_read_switch = enable_segment_read(model) if resolved.method != "mha" else None
     model._mixsga_decode_switch = enable_decode_kernel(model, resolved)
     model.config.mixsga = asdict(resolved)
+    model.save_pretrained = MethodType(save_with_remote_code, model)  # a remote-code checkpoint (persistence.py)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, with_kwargs=True)
     return resolved

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.instructions import EvalExample, encode_prompt
 from .kv import KVAccount, account_generation, stop_token_ids
+from .progress import progress
 from .rouge import mean_rouge_l
 from .routing_scope import evaluating
 
@@ -59,7 +60,7 @@ def generate_and_score(
     devices = [device] if device.type == "cuda" else []
     with evaluating(model, "auto") as stats, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in range(0, len(examples), batch_size):
+        for start in progress(range(0, len(examples), batch_size), "generation"):
             prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_len) for ex in examples[start : start + batch_size]]
             input_ids, attention_mask = left_pad(prompts, pad_id)
             out = model.generate(

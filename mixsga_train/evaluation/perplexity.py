@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import count_words
+from .progress import progress
 from .routing_scope import evaluating
 
 # The routing of the headline (causal) perplexity: the configured decode policy applied causally
@@ -88,7 +89,7 @@ def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
     nll = torch.zeros((), dtype=torch.float64)
     tokens = 0
     with evaluating(model, routing) as stats:
-        for batch in batches:
+        for batch in progress(batches, f"perplexity ({routing})"):
             batch = {k: v.to(device) for k, v in batch.items()}
             targets = batch.pop("labels", batch["input_ids"])[:, 1:]
             logits = model(**batch, use_cache=False).logits[:, :-1]

@@ -11,18 +11,27 @@ from ..models.registry import max_positions
 from .generation import generate_and_score
 from .kv import KVAccount, measure_generation_kv, native_kv_bytes_per_token
 from .perplexity import CAUSAL_MODE, evaluate_perplexity, evaluate_response_perplexity
+from .rolling import evaluate_rolling_perplexity
 from .routing_scope import num_experts
 
 DECODE_TOKENS = 32  # greedy tokens generated after each LM prompt to measure decode-time KV
 DECODE_PROMPTS = 8  # LM eval blocks (at most) used as those prompts
 
 
-def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int) -> dict:
+def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int,
+                labels: torch.Tensor | None = None) -> dict:
     """Token and word perplexity of ``blocks`` [N, L] with causal routing and with top-k routing
     (one pass for models without routers); KV bytes per real token of a greedy ``generate()`` of
-    ``DECODE_TOKENS`` tokens after the first ``DECODE_PROMPTS`` blocks (cut so they fit the positions)."""
-    topk = evaluate_perplexity(model, blocks, batch_size, "topk", words)
-    causal = evaluate_perplexity(model, blocks, batch_size, CAUSAL_MODE, words) if num_experts(model) else topk
+    ``DECODE_TOKENS`` tokens after the first ``DECODE_PROMPTS`` blocks (cut so they fit the positions).
+    ``labels`` [N, L]: the blocks are rolling windows (``rolling.py``)."""
+
+    def perplexity(routing: str):
+        if labels is not None:
+            return evaluate_rolling_perplexity(model, blocks, labels, batch_size, routing, words)
+        return evaluate_perplexity(model, blocks, batch_size, routing, words)
+
+    topk = perplexity("topk")
+    causal = perplexity(CAUSAL_MODE) if num_experts(model) else topk
     prompt_len = max(1, min(blocks.shape[1], max_positions(model.config) - DECODE_TOKENS))
     prompts = blocks[: min(DECODE_PROMPTS, batch_size), :prompt_len]
     kv = measure_generation_kv(model, prompts, max_new_tokens=DECODE_TOKENS)

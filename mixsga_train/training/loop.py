@@ -15,7 +15,9 @@ import logging
 import math
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -133,6 +135,29 @@ class _StopSignal:
         self._restore()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' activation checkpointing,
+    non-reentrant). A mixSGA model's routers run again in the recomputation and route the same way;
+    their statistics are not recorded a second time."""
+    context = routing_context(model) if getattr(model, "_mixsga_resolved", None) is not None else None
+    contexts = partial(_checkpoint_contexts, context)
+    model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": contexts})
+
+
+def _checkpoint_contexts(context) -> tuple:
+    """(forward, recomputation) contexts for ``torch.utils.checkpoint``'s ``context_fn``."""
+    return nullcontext(), (_routing_stats_paused(context) if context is not None else nullcontext())
+
+
+@contextmanager
+def _routing_stats_paused(context):
+    saved, context.stats = context.stats, None
+    try:
+        yield
+    finally:
+        context.stats = saved
+
+
 class _RoutingTally:
     """Counts this rank's training tokens per expert and top-k/argmax agreement of a mixSGA
     model, step by step (``take``); a no-op for other models."""
@@ -185,6 +210,8 @@ def train(
         for name, param in model.named_parameters():
             param.requires_grad_(".router." in name)
     routers_before = {name: p.detach().float().cpu().clone() for name, p in router_parameters(model).items()}
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg),
