@@ -62,7 +62,7 @@ def test_training_loss_includes_alpha_times_aux():
 def test_straight_through_sends_lm_gradient_to_the_router_and_aux_only_does_not():
     base = tiny_model("llama")
     ids = torch.randint(0, 96, (2, 16))
-    for mode, expect_grad in (("straight_through", True), ("aux_only", False)):
+    for mode, expect_grad in (("counterfactual", True), ("straight_through", True), ("aux_only", False)):
         model = copy.deepcopy(base)
         convert_model(model, AttentionConfig(method="mixsga", ratio="3:1:6", alpha=0.0, router_grad=mode))
         model.train()

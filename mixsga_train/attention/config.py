@@ -67,7 +67,7 @@ class AttentionConfig:
     expert_kv_heads: list[int] | None = None
     ratio: Any = field(default_factory=lambda: [3, 1, 6])
     alpha: float = 1.0
-    router_grad: str = "straight_through"
+    router_grad: str = "counterfactual"
     decode_policy: str = "budget"
     router: str = "learned"
     decode_kernel: str = "torch"
@@ -171,7 +171,7 @@ class ResolvedAttention:
     expert_kv_heads: list[int] | None = None
     ratio: list[float] | None = None
     alpha: float = 0.0
-    router_grad: str = "straight_through"
+    router_grad: str = "counterfactual"
     decode_policy: str = "budget"
     router: str = "learned"
     cla_groups: list[list[int]] | None = None

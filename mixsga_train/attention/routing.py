@@ -196,7 +196,7 @@ class TokenRouter(nn.Module):
 
     ``route(x)`` returns gates [B, L, E] whose value is the hard one-hot assignment (eq. 2, eq. 3
     or the budget decode policy). Under autograd the gates also carry the router's gradient
-    (``router_grad``; z = the router logits, d = z - stopgrad(z), onehot = the assignment):
+    (``router_grad``; onehot = the assignment, s = sigmoid(router logits)):
 
     * ``counterfactual``: ``onehot + d - onehot * sum_e d_e`` with d = s - stopgrad(s) on the
       sigmoid scores s = sigmoid(z); expert e's score receives ``<KV_e - KV_selected, dL/dKV>``
@@ -223,7 +223,7 @@ class TokenRouter(nn.Module):
         capacity: list[float],
         layer_idx: int,
         context: RoutingContext,
-        router_grad: str = "straight_through",
+        router_grad: str = "counterfactual",
         random: bool = False,
         *,
         costs: list[float],
