@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from .attention import load_converted, routing_context
+from .attention import converted, load_converted
 from .attention.persistence import load_tokenizer
 
 HARNESS_ROUTINGS = ("auto", "argmax")
@@ -57,8 +57,9 @@ class MixSGAHarnessLM(HFLM):
             pretrained.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer=...")
-        if getattr(pretrained, "_mixsga_resolved", None) is not None:
-            routing_context(pretrained).mode = routing
+        handle = converted(pretrained)
+        if handle is not None:
+            handle.context.mode = routing
         super().__init__(pretrained=pretrained.eval(), tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
 
 

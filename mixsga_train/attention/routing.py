@@ -188,7 +188,6 @@ class RoutingContext:
     fixed_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     stats: RoutingStats | None = None
     generator: torch.Generator | None = None
-    last_aux_loss: torch.Tensor | None = None
 
 
 class TokenRouter(nn.Module):
