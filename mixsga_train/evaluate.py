@@ -138,7 +138,8 @@ def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: 
     from .pipeline import run_tags, track_eval
     from .tracking import run_name, start_tracker
 
-    name = f"{run_name(resolved.method, resolved.kv_budget, resolved.summary_fields()["ratio"], run_cfg.seed)}-{args.name}"
+    ratio = resolved.summary_fields()["ratio"]
+    name = f"{run_name(resolved.method, resolved.kv_budget, ratio, run_cfg.seed)}-{args.name}"
     config = {"run_dir": str(args.run_dir), "checkpoint": str(checkpoint), "overrides": args.overrides}
     tracker = start_tracker(run_cfg.logger, args.run_dir, name, run_cfg.experiment_name, run_tags(resolved), config,
                             is_main=True, job_type="evaluate", id_label=args.name)
