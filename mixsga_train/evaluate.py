@@ -43,7 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     harness.add_argument("--harness-include", type=Path, default=None, metavar="DIR", help="folder of extra task YAMLs")
     harness.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    harness.add_argument("--routing", default="auto", choices=["auto", "argmax"], help="mixSGA routing (harness.py)")
+    harness.add_argument("--routing", default="auto", choices=["auto", "causal", "argmax"],
+                         help="mixSGA routing (harness.py)")
     harness.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (> 1 needs --routing argmax)")
     return parser.parse_args(argv)
 
