@@ -48,7 +48,8 @@ class ConvertedModel:
     @property
     def routers(self) -> list[TokenRouter]:
         """The per-layer routers (empty for methods without routing)."""
-        return [layout.router for layout in self.layouts if isinstance(layout, MixedLayout) and layout.router]
+        mixed = [layout for layout in self.layouts if isinstance(layout, MixedLayout)]
+        return [layout.router for layout in mixed if layout.router is not None]
 
     @property
     def num_experts(self) -> int:
