@@ -43,7 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     harness.add_argument("--harness-include", type=Path, default=None, metavar="DIR", help="folder of extra task YAMLs")
     harness.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    harness.add_argument("--routing", default="auto", choices=["auto", "argmax"], help="mixSGA routing (harness.py)")
+    harness.add_argument("--routing", default="auto", choices=["auto", "causal", "argmax"],
+                         help="mixSGA routing (harness.py)")
     harness.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (> 1 needs --routing argmax)")
     return parser.parse_args(argv)
 
@@ -71,12 +72,8 @@ def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
     if not (checkpoint / "config.json").is_file():
         raise ConfigError("--checkpoint", f"{checkpoint} has no config.json; give a model directory saved by mixsga-train")
     saved = saved_attention(checkpoint)
-    def key(r):
-        return (r.method, round(r.kv_budget, 6), r.expert_kv_heads, [round(x, 6) for x in r.ratio or []], r.cla_groups)
-
-    saved_key = key(saved) if saved else ("mha", 1.0, None, [], None)
-    wanted = key(resolved) if resolved.method != "mha" else ("mha", 1.0, None, [], None)
-    if saved_key != wanted:
+    unconverted = ("mha", 1.0)  # what an unconverted model and method mha both hold
+    if (saved.weights_key() if saved else unconverted) != resolved.weights_key():
         got = saved.describe() if saved else "an unconverted model"
         raise ConfigError(
             "--checkpoint", f"{checkpoint} holds {got}, but the config asks for {resolved.describe()}; pass the matching run directory"
@@ -142,7 +139,8 @@ def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: 
     from .pipeline import run_tags, track_eval
     from .tracking import run_name, start_tracker
 
-    name = f"{run_name(resolved.method, resolved.kv_budget, resolved.ratio, run_cfg.seed)}-{args.name}"
+    ratio = resolved.summary_fields()["ratio"]
+    name = f"{run_name(resolved.method, resolved.kv_budget, ratio, run_cfg.seed)}-{args.name}"
     config = {"run_dir": str(args.run_dir), "checkpoint": str(checkpoint), "overrides": args.overrides}
     tracker = start_tracker(run_cfg.logger, args.run_dir, name, run_cfg.experiment_name, run_tags(resolved), config,
                             is_main=True, job_type="evaluate", id_label=args.name)

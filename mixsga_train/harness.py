@@ -4,11 +4,19 @@
 metrics) around a model loaded by ``load_converted``, so loglikelihoods come from the converted
 forward pass and ``generate_until`` runs through ``model.generate()`` with the mixSGA KV cache.
 
-Routing (mixSGA only): ``auto`` (default, the paper's protocol) routes each scored sequence by
-progressive top-k over its tokens and generated tokens by argmax; ``argmax`` routes every token
-by its own router (causal, what streaming decoding sees). lm-eval right-pads loglikelihood
-batches without an attention mask; top-k routing would count that padding as tokens, so
-``auto`` needs ``batch_size=1`` (argmax routing is per token and batches freely).
+Routing (mixSGA only, ``routing=``):
+
+* ``auto`` (default, the paper's protocol): each scored sequence by progressive top-k over all its
+  tokens (not causal: a token's expert depends on later tokens), generated tokens by the
+  checkpoint's decode policy;
+* ``causal``: the checkpoint's decode policy (``attention.decode_policy``) applied to every token
+  in order, what streaming decoding really does (the routing of the headline perplexity,
+  ``evaluation/perplexity.py``'s ``CAUSAL_MODE``);
+* ``argmax``: every token by its own router scores alone (eq. 3; may exceed the KV budget).
+
+lm-eval right-pads loglikelihood batches without an attention mask; top-k routing would count that
+padding as tokens, so ``auto`` needs ``batch_size=1``. ``causal`` and ``argmax`` route each token
+from its own past (right padding comes after it) and batch freely.
 
 Use::
 
@@ -25,10 +33,10 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from .attention import load_converted, routing_context
+from .attention import converted, load_converted
 from .attention.persistence import load_tokenizer
 
-HARNESS_ROUTINGS = ("auto", "argmax")
+HARNESS_ROUTINGS = ("auto", "causal", "argmax")
 # The paper's Table 2 zero-shot tasks, by their lm-eval names (need the Hub for the data).
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "boolq")
 
@@ -36,7 +44,7 @@ PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "
 @register_model("mixsga")
 class MixSGAHarnessLM(HFLM):
     """``pretrained``: a checkpoint folder saved by mixsga-train (or a loaded converted model, then
-    pass ``tokenizer``). ``routing``: ``auto`` or ``argmax`` (module docstring). ``device`` and
+    pass ``tokenizer``). ``routing``: ``auto``, ``causal`` or ``argmax`` (module docstring). ``device`` and
     ``dtype`` (e.g. ``bfloat16``) apply to a folder (default: CUDA when available, the saved dtype).
     Other keyword arguments go to ``HFLM`` (``max_length``, ``add_bos_token``, ...)."""
 
@@ -47,7 +55,7 @@ class MixSGAHarnessLM(HFLM):
         if routing == "auto" and int(batch_size) != 1:
             raise ValueError(
                 f"batch_size={batch_size} with routing=auto: lm-eval's right padding would enter top-k routing; "
-                "use batch_size=1 or routing=argmax"
+                "use batch_size=1 or routing=argmax or routing=causal"
             )
         if isinstance(pretrained, (str, Path)):
             tokenizer = tokenizer or load_tokenizer(pretrained)
@@ -57,8 +65,9 @@ class MixSGAHarnessLM(HFLM):
             pretrained.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer=...")
-        if getattr(pretrained, "_mixsga_resolved", None) is not None:
-            routing_context(pretrained).mode = routing
+        handle = converted(pretrained)
+        if handle is not None:
+            handle.context.mode = routing
         super().__init__(pretrained=pretrained.eval(), tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
 
 

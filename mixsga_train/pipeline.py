@@ -9,7 +9,7 @@ files, the model name, corpus length) fails before anything is written to the ru
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,7 +145,7 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     convert_model(model, resolved)
     model.to(dist.device)
     log.info("%s", resolved.describe())
-    name = run_name(resolved.method, resolved.kv_budget, resolved.ratio, cfg.seed)
+    name = run_name(resolved.method, resolved.kv_budget, resolved.summary_fields()["ratio"], cfg.seed)
     tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml,
                             dist.is_main)
     if cfg.trainer.max_steps == 0:
@@ -250,16 +250,12 @@ def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before,
         "experiment": cfg.experiment_name,
         "seed": cfg.seed,
         "method": resolved.method,
-        "expert_kv_heads": resolved.expert_kv_heads,
-        "ratio": resolved.ratio,
-        "router_grad": resolved.router_grad if resolved.method == "mixsga" else None,
-        "router": resolved.router if resolved.method == "mixsga" else None,
-        "alpha": resolved.alpha if resolved.method == "mixsga" else None,
+        **resolved.summary_fields(),
         "kv_budget": resolved.kv_budget,
         "kv_bytes_per_token": after["kv_bytes_per_token"],
         "kv_bytes_per_token_native": native_kv_bytes_per_token(model.config, dtype),
         "params": sum(p.numel() for p in model.parameters()),
-        "attention": asdict(resolved),
+        "attention": resolved.to_dict(),
         "train": train_block,
         "eval_before": before,
         "eval": after,

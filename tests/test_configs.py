@@ -84,7 +84,7 @@ def test_type_errors_name_the_key():
 ])
 def test_gqa_user_key_wins_over_the_group_default(overrides, kv_heads, budget):
     resolved = to_run_config(composed(["attention=gqa", *overrides])).validate()  # tiny_llama: 4 KV heads
-    assert (resolved.expert_kv_heads, resolved.kv_budget) == ([kv_heads], pytest.approx(budget))
+    assert (resolved.kv_heads, resolved.kv_budget) == (kv_heads, pytest.approx(budget))
 
 
 def test_gqa_refuses_kv_heads_and_budget_that_disagree():

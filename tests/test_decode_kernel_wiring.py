@@ -20,7 +20,7 @@ import tempfile
 import pytest
 import torch
 
-from mixsga_train.attention import AttentionConfig, convert_model, load_converted
+from mixsga_train.attention import AttentionConfig, convert_model, converted, load_converted
 from mixsga_train.errors import ConfigError
 from tiny import tiny_model
 from interpreter_worker import report, run_worker
@@ -93,7 +93,7 @@ def _run_case(name: str) -> dict:
         kernel_calls=len(calls),
         impl=models["triton"].config._attn_implementation,
         torch_impl=models["torch"].config._attn_implementation,
-        warned=sorted(models["triton"]._mixsga_decode_switch._warned),
+        warned=sorted(converted(models["triton"]).decode_switch._warned),
         layers=len(out["triton"].cache.layers),
     )
 
@@ -122,7 +122,7 @@ def test_triton_decode_generates_like_torch(wiring_results, name):
     res = wiring_results[name]
     assert "error" not in res, res.get("error")
     impl = CASES[name][2]
-    assert res["torch_impl"] == impl and res["impl"] == f"mixsga_triton_{impl}"
+    assert res["torch_impl"] == f"mixsga_{impl}" and res["impl"] == f"mixsga_triton_{impl}"
     assert res["warned"] == []
     # every decode step (NEW_TOKENS - 1 of them) of every layer went through the kernel
     assert res["kernel_calls"] == (NEW_TOKENS - 1) * res["layers"]
@@ -196,7 +196,7 @@ def test_unsupported_models_keep_torch_path_with_one_warning(family, cfg, reason
     warnings = _kernel_warnings(caplog)
     assert len(warnings) == 1 and reason in warnings[0].getMessage()
     torch_read = impl if cfg["method"] == "mha" else "mixsga_" + impl  # the segment read, no kernel
-    assert model.config._attn_implementation == torch_read and model._mixsga_decode_switch is None
+    assert model.config._attn_implementation == torch_read and converted(model).decode_switch is None
 
 
 def test_decode_kernel_is_validated():
@@ -216,7 +216,7 @@ def test_decode_kernel_survives_save_and_load():
             saved = json.load(f)
         loaded = load_converted(d)
     assert saved["mixsga"]["decode_kernel"] == "triton" and "mixsga_triton" not in json.dumps(saved)
-    assert loaded._mixsga_resolved == resolved and loaded._mixsga_resolved.decode_kernel == "triton"
+    assert converted(loaded).attention == resolved and converted(loaded).attention.decode_kernel == "triton"
     assert loaded.config._attn_implementation == "mixsga_triton_sdpa"
     with torch.no_grad():  # prefill / training-style forwards are untouched by the switch
         assert torch.equal(model(ids).logits, loaded(ids).logits)

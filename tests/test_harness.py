@@ -69,15 +69,23 @@ def test_loglikelihoods_are_the_converted_models_under_topk_routing(auto_run):
     assert max(gaps) > 1e-3, "routing made no difference, so this test could not see a wrong routing"
 
 
-def test_argmax_routing_is_available_and_batches(checkpoint, monkeypatch):
+@pytest.mark.parametrize("routing", ["argmax", "causal"])
+def test_causal_routings_are_available_and_batch(checkpoint, monkeypatch, routing):
+    """argmax and causal (the decode policy on every token) batch 4 right-padded requests; each
+    loglikelihood is the model's own under that routing, and the two routings differ."""
     monkeypatch.chdir(FIXTURES)
-    lm = MixSGAHarnessLM(str(checkpoint), routing="argmax", batch_size=4, device="cpu")
+    lm = MixSGAHarnessLM(str(checkpoint), routing=routing, batch_size=4, device="cpu")
     out = simple_evaluate(model=lm, tasks=TASKS[:1], task_manager=TaskManager(include_path=str(FIXTURES)),
                           log_samples=True)
-    (context, continuation), ((harness_ll, _),) = next(zip(out["samples"][TASKS[0]][0]["arguments"],
-                                                           out["samples"][TASKS[0]][0]["resps"]))
-    context_ids, continuation_ids = lm._encode_pair(context, continuation)
-    assert harness_ll == pytest.approx(own_loglikelihood(lm.model, context_ids, continuation_ids, "argmax"), abs=1e-4)
+    other = {"argmax": "causal", "causal": "argmax"}[routing]
+    gaps = []
+    for sample in out["samples"][TASKS[0]]:
+        for (context, continuation), ((harness_ll, _),) in zip(sample["arguments"], sample["resps"]):
+            context_ids, continuation_ids = lm._encode_pair(context, continuation)
+            assert harness_ll == pytest.approx(own_loglikelihood(lm.model, context_ids, continuation_ids, routing),
+                                               abs=1e-4)
+            gaps.append(abs(harness_ll - own_loglikelihood(lm.model, context_ids, continuation_ids, other)))
+    assert max(gaps) > 1e-3, "causal and argmax routing agreed everywhere, so the test could not tell them apart"
 
 
 def test_top_k_routing_refuses_padded_batches(checkpoint):

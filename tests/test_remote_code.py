@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mixsga_train.attention import AttentionConfig, KVBudgetCache, convert_model, load_converted, routers
+from mixsga_train.attention import AttentionConfig, KVBudgetCache, convert_model, converted, load_converted, routers
 from mixsga_train.attention.persistence import ARCHITECTURE, MODEL_TYPE
 from tiny import FAMILIES, tiny_model
 
@@ -35,7 +35,7 @@ def saved(tmp_path, family, method):
 def test_remote_code_load_rebuilds_the_converted_model(tmp_path, family, method):
     model, resolved, folder = saved(tmp_path, family, method)
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    assert type(loaded) is type(model) and loaded._mixsga_resolved == resolved
+    assert type(loaded) is type(model) and converted(loaded).attention == resolved
     assert not loaded.training
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
@@ -71,7 +71,7 @@ def test_from_config_builds_a_fresh_converted_model(tmp_path):
     model, resolved, folder = saved(tmp_path, "gemma2", "mixsga")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    assert type(fresh) is type(model) and fresh._mixsga_resolved == resolved
+    assert type(fresh) is type(model) and converted(fresh).attention == resolved
     assert fresh.state_dict().keys() == model.state_dict().keys()
 
 

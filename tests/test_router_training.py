@@ -5,7 +5,8 @@ import tempfile
 
 import torch
 
-from mixsga_train.attention import AttentionConfig, RoutingStats, aux_loss, convert_model, load_converted, routers, routing_context
+from mixsga_train.attention import (AttentionConfig, RoutingStats, aux_loss, convert_model, converted, load_converted,
+                                    routers, routing_context)
 from tiny import tiny_model
 
 
@@ -80,6 +81,6 @@ def test_save_and_load_round_trip_with_identical_logits():
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
             loaded = load_converted(d)
-        assert loaded._mixsga_resolved == resolved
+        assert converted(loaded).attention == resolved
         with torch.no_grad():
             assert torch.equal(model(ids).logits, loaded(ids).logits), cfg

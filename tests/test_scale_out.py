@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mixsga_train.attention import AttentionConfig, RoutingStats, convert_model, routing_context
+from mixsga_train.attention import AttentionConfig, RoutingStats, convert_model, converted
 from mixsga_train.config import TrainerConfig
 from mixsga_train.errors import ConfigError
 from mixsga_train.training.distributed import first_host, slurm_environment
@@ -20,8 +20,9 @@ def _train_step(model, checkpointing: bool):
     if checkpointing:
         enable_gradient_checkpointing(model)
     stats = None
-    if getattr(model, "_mixsga_resolved", None) is not None and model._mixsga_resolved.method == "mixsga":
-        stats = routing_context(model).stats = RoutingStats(len(model._mixsga_resolved.expert_kv_heads))
+    handle = converted(model)
+    if handle is not None and handle.num_experts:
+        stats = handle.context.stats = RoutingStats(handle.num_experts)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
     out = model(input_ids=ids, labels=ids, use_cache=False)
     out.loss.backward()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixsga_train.attention import AttentionConfig, convert_model
+from mixsga_train.attention import AttentionConfig, convert_model, routing_context
 from mixsga_train.attention.cache import GROWTH, MIN_CAPACITY, KVBudgetCache, MixedKVLayer
 from mixsga_train.attention.heads import HeadGrouping
 from mixsga_train.attention.projections import SharedKVOwner
@@ -99,6 +99,37 @@ def test_a_chunk_after_cached_tokens(family):
             assert isinstance(first.past_key_values, KVBudgetCache)
             out = m(input_ids=ids[:, 7:], attention_mask=mask, past_key_values=first.past_key_values)
             logits.append(out.logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+
+
+def test_a_row_with_no_token_in_an_expert():
+    """Row 0 routes every token to expert 0 while row 1 uses both experts: expert 1's segment has no
+    visible slot for row 0 (the CPU flash kernel returns lse 0, not -inf, for such a row; it must
+    weigh 0). Decode steps and a chunk after cached tokens both equal the reference read."""
+    model = converted("llama", dict(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2]))
+    ref_model = with_reference_read(model)
+    ids = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(5))
+    routed = torch.zeros_like(ids)
+    routed[1, 1::2] = 1  # row 1: every other token in expert 1; row 0: none
+    logits = []
+    for m in (model, ref_model):
+        ctx = routing_context(m)
+        ctx.mode = "fixed"  # the router replays the last L ids of fixed_ids[layer] for L new tokens
+
+        def forward(end, **kw):
+            ctx.fixed_ids = {layer: routed[:, :end] for layer in range(m.config.num_hidden_layers)}
+            return m(input_ids=ids[:, end - kw.pop("new"):end], **kw)
+
+        with torch.no_grad():
+            out = forward(4, new=4, use_cache=True)
+            cache, steps = out.past_key_values, [out.logits]
+            for end in range(5, 8):  # one-token decode steps
+                steps.append(forward(end, new=1, past_key_values=cache).logits)
+            steps.append(forward(10, new=3, past_key_values=cache).logits)  # a 3-token chunk
+        layer = cache.layers[0]
+        assert layer.counts.tolist() == [[10, 0], [5, 5]]
+        logits.append(torch.cat(steps, 1))
+    assert torch.isfinite(logits[0]).all()
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
 
 

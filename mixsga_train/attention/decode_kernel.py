@@ -34,7 +34,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from . import segment_attention, triton_decode
-from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,11 @@ def runtime_unavailable(device: torch.device) -> str | None:
 def static_unsupported(model: nn.Module, resolved) -> str | None:
     """Why this converted model can never use the kernel (None if it can)."""
     config = model.config
-    if resolved.method not in ("mixsga", "gqa"):
-        return f"method {resolved.method!r} keeps no mixed KV cache (the kernel serves mixsga and gqa)"
-    if len(resolved.expert_kv_heads or []) > triton_decode.MAX_EXPERTS:
-        return f"{len(resolved.expert_kv_heads)} experts; the kernel supports at most {triton_decode.MAX_EXPERTS}"
+    if not resolved.decode_kernel_ready:
+        return f"method {resolved.method!r} keeps no mixed KV cache the kernel reads"
+    experts = len(resolved.segment_kv_heads or [])
+    if experts > triton_decode.MAX_EXPERTS:
+        return f"{experts} experts; the kernel supports at most {triton_decode.MAX_EXPERTS}"
     if getattr(config, "attn_logit_softcapping", None):
         return f"{config.model_type} uses attention logit softcapping, which the kernel does not implement"
     layer_types = getattr(config, "layer_types", None) or []
@@ -100,8 +100,6 @@ def static_unsupported(model: nn.Module, resolved) -> str | None:
 def enable_decode_kernel(model: nn.Module, resolved) -> DecodeKernelSwitch | None:
     """Route the converted ``model``'s decode steps through the kernel if ``resolved`` asks for
     it and the model supports it; returns the switch ``build_cache`` hands to the cache layers."""
-    if resolved.decode_kernel not in ("torch", "triton"):
-        raise ConfigError("attention.decode_kernel", f"unknown {resolved.decode_kernel!r}; choose one of torch, triton")
     if resolved.decode_kernel == "torch":
         return None
     switch = DecodeKernelSwitch(model.config)

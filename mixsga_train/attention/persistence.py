@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .config import ResolvedAttention
+from .methods import ResolvedAttention, resolved_from_saved
 
 MODEL_TYPE = "mixsga"
 ARCHITECTURE = "MixSGAForCausalLM"
@@ -51,7 +51,7 @@ def read_config_json(path: str | Path) -> dict:
 def saved_attention(path: str | Path) -> ResolvedAttention | None:
     """The attention config a checkpoint directory was converted with (None if unconverted)."""
     stored = read_config_json(path).get(MODEL_TYPE)
-    return ResolvedAttention(**stored) if stored else None
+    return resolved_from_saved(stored) if stored else None
 
 
 def base_config(stored: dict) -> PretrainedConfig:
@@ -95,7 +95,7 @@ def build_converted(stored: dict, dtype: torch.dtype | None = None):
     """A freshly initialised converted model from a saved ``config.json`` dict (no weights)."""
     from .convert import convert_model  # deferred: convert imports this module
 
-    resolved = ResolvedAttention(**stored[MODEL_TYPE])
+    resolved = resolved_from_saved(stored[MODEL_TYPE])
     model = AutoModelForCausalLM.from_config(base_config(stored))
     convert_model(model, resolved)
     if dtype is not None:
@@ -109,7 +109,7 @@ def load_converted(path: str | Path, dtype: torch.dtype | None = None):
     stored = read_config_json(path)
     if not stored.get(MODEL_TYPE):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    resolved = ResolvedAttention(**stored[MODEL_TYPE])
+    resolved = resolved_from_saved(stored[MODEL_TYPE])
     model = build_converted(stored)
     state = {}
     for shard in sorted(path.glob("*.safetensors")):

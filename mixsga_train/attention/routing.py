@@ -156,13 +156,6 @@ class RoutingStats:
         total = counts.sum().item()
         return [c / total for c in counts.tolist()] if total else [0.0] * self.num_experts
 
-    def kv_share(self, which: str, costs: list[float]) -> float | None:
-        """Realised K/V of the counted tokens as a fraction of native (sum_e f_e c_e; ids excluded);
-        None when nothing was counted."""
-        if not int(getattr(self, which).sum()):
-            return None
-        return sum(f * c for f, c in zip(self.fractions(which), costs))
-
     @property
     def agreement(self) -> float | None:
         return self.agree / self.compared if self.compared else None
@@ -188,7 +181,6 @@ class RoutingContext:
     fixed_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     stats: RoutingStats | None = None
     generator: torch.Generator | None = None
-    last_aux_loss: torch.Tensor | None = None
 
 
 class TokenRouter(nn.Module):

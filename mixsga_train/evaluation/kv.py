@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..attention import routers
+from ..attention import converted
 from ..attention.adapters import adapter_for, head_dim
 from ..attention.cache import MixedKVLayer, layer_nbytes, routed_token_bytes
-from .routing_scope import evaluating, num_experts
+from .routing_scope import evaluating
 
 
 def native_kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -32,12 +32,11 @@ def nominal_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = Non
     """What the method promises: kv_budget * native bytes, plus per routed layer a uint8 expert id
     and an int32 slot position when mixSGA has more than one expert. ``dtype`` defaults to the model's."""
     native = native_kv_bytes_per_token(model.config, dtype or model.dtype)
-    resolved = getattr(model, "_mixsga_resolved", None)
-    if resolved is None:
+    handle = converted(model)
+    if handle is None:
         return float(native)
-    experts = num_experts(model) or 1
-    id_bytes = len(routers(model)) * routed_token_bytes(experts)
-    return resolved.kv_budget * native + id_bytes
+    id_bytes = len(handle.routers) * routed_token_bytes(handle.num_experts or 1)
+    return handle.attention.kv_budget * native + id_bytes
 
 
 def _layer_shape(layer: CacheLayerMixin) -> tuple[int, int]:

@@ -8,15 +8,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..attention import RoutingStats, routing_context
+from ..attention import RoutingStats, converted
 
 
 def num_experts(model: nn.Module) -> int | None:
     """Experts per layer of a converted mixSGA model; None for every other model."""
-    resolved = getattr(model, "_mixsga_resolved", None)
-    if resolved is None or resolved.method != "mixsga":
-        return None
-    return len(resolved.expert_kv_heads)
+    handle = converted(model)
+    return handle.num_experts if handle is not None and handle.num_experts else None
 
 
 @contextmanager
@@ -33,7 +31,7 @@ def evaluating(model: nn.Module, mode: str = "auto") -> Iterator[RoutingStats | 
         finally:
             model.train(was_training)
         return
-    ctx = routing_context(model)
+    ctx = converted(model).context
     saved = ctx.mode, ctx.stats
     ctx.mode, ctx.stats = mode, RoutingStats(experts)
     try:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..attention import RoutingStats, routing_context
+from ..attention import RoutingStats, converted
 from ..config import TrainerConfig
 from ..errors import EXIT_DIVERGED, EXIT_INTERRUPTED, DataError
 from ..tracking import Tracker
@@ -139,7 +139,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer in the backward pass (transformers' activation checkpointing,
     non-reentrant). A mixSGA model's routers run again in the recomputation and route the same way;
     their statistics are not recorded a second time."""
-    context = routing_context(model) if getattr(model, "_mixsga_resolved", None) is not None else None
+    handle = converted(model)
+    context = handle.context if handle is not None else None
     contexts = partial(_checkpoint_contexts, context)
     model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": contexts})
 
@@ -163,9 +164,9 @@ class _RoutingTally:
     model, step by step (``take``); a no-op for other models."""
 
     def __init__(self, model: nn.Module):
-        resolved = getattr(model, "_mixsga_resolved", None)
-        self.experts = len(resolved.expert_kv_heads) if resolved is not None and resolved.method == "mixsga" else 0
-        self.context = routing_context(model) if self.experts else None
+        handle = converted(model)
+        self.experts = handle.num_experts if handle is not None else 0
+        self.context = handle.context if self.experts else None
 
     def __enter__(self):
         if self.context is not None:
@@ -272,10 +273,10 @@ def _optimizer_step(engine, dataset, collate, cfg: TrainerConfig, dist: Dist, se
 
 def _aux_term(model: nn.Module) -> float:
     """alpha * router aux loss of the last training forward (0.0 without routers or with alpha 0)."""
-    context = getattr(model, "_mixsga_context", None)
-    if context is None or context.last_aux_loss is None or not model._mixsga_resolved.alpha:
+    handle = converted(model)
+    if handle is None or handle.last_aux_term is None:
         return 0.0
-    return model._mixsga_resolved.alpha * context.last_aux_loss.item()
+    return handle.last_aux_term.item()
 
 
 def _record_step(result: TrainResult, loss: float, lm_loss: float, tokens: int, routing: list[float], seconds: float) -> None:

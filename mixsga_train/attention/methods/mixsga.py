@@ -1,0 +1,103 @@
+"""``mixsga``: a mixture of weight-shared grouped-query experts with different KV head counts; a
+learned router per layer sends each token to one expert (Song et al., 2025, eqs. 1-5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import register_attention_method
+from .base import MixedLayout, ResolvedAttention
+from ..budget import format_ratio, mixsga_budget, normalise_ratio, paper_expert_kv_heads, parse_ratio
+from ..heads import HeadGrouping
+from ..projections import MixedHeadProjection
+from ..routing import DECODE_POLICIES, RoutingContext, TokenRouter
+from ...errors import ConfigError
+
+ROUTER_GRADS = ("counterfactual", "straight_through", "aux_only")
+ROUTERS = ("learned", "random")
+
+
+@register_attention_method
+@dataclass(kw_only=True)
+class MixSGAAttention(ResolvedAttention):
+    """expert_kv_heads: KV heads per expert, most expensive first; ratio: normalised capacity shares;
+    alpha, router_grad, decode_policy, router: see ``AttentionConfig``."""
+
+    method = "mixsga"
+    decode_kernel_ready = True
+
+    expert_kv_heads: list[int]
+    ratio: list[float]
+    alpha: float = 1.0
+    router_grad: str = "counterfactual"
+    decode_policy: str = "budget"
+    router: str = "learned"
+
+    @classmethod
+    def resolve(cls, cfg, native_kv_heads, num_layers):
+        heads = list(cfg.expert_kv_heads) if cfg.expert_kv_heads else paper_expert_kv_heads(native_kv_heads)
+        if any(not isinstance(h, int) or not 1 <= h <= native_kv_heads for h in heads):
+            raise ConfigError(
+                "attention.expert_kv_heads",
+                f"{heads} must be integers in [1, {native_kv_heads}] (the model's native KV heads)",
+            )
+        if sorted(heads, reverse=True) != heads or len(set(heads)) != len(heads):
+            raise ConfigError(
+                "attention.expert_kv_heads", f"{heads} must be strictly decreasing (most expensive expert first)"
+            )
+        if len(heads) > 255:
+            raise ConfigError("attention.expert_kv_heads", "at most 255 experts (expert ids are stored as uint8)")
+        ratio = parse_ratio(cfg.ratio)
+        budget = mixsga_budget(ratio, heads, native_kv_heads)
+        if cfg.budget is not None and abs(budget - cfg.budget) > 1e-6:
+            raise ConfigError(
+                "attention.budget",
+                f"{cfg.budget} disagrees with ratio {format_ratio(ratio)} over experts {heads} ({budget:.4g}); "
+                "drop budget or change the ratio",
+            )
+        for key, value, choices in (("router_grad", cfg.router_grad, ROUTER_GRADS),
+                                    ("decode_policy", cfg.decode_policy, DECODE_POLICIES),
+                                    ("router", cfg.router, ROUTERS)):
+            if value not in choices:
+                raise ConfigError(f"attention.{key}", f"unknown {value!r}; choose one of {', '.join(choices)}")
+        if cfg.alpha < 0:
+            raise ConfigError("attention.alpha", f"{cfg.alpha} is negative; use 0 to disable the aux loss")
+        return cls(native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=budget, expert_kv_heads=heads,
+                   ratio=normalise_ratio(ratio), alpha=cfg.alpha, router_grad=cfg.router_grad,
+                   decode_policy=cfg.decode_policy, router=cfg.router, decode_kernel=cfg.decode_kernel)
+
+    def detail(self) -> str:
+        return f"{format_ratio([round(r, 6) for r in self.ratio])} over KV heads {self.expert_kv_heads}"
+
+    def routing_context(self) -> RoutingContext:
+        return RoutingContext(decode_policy=self.decode_policy)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_kv_heads)
+
+    @property
+    def aux_weight(self) -> float:
+        return self.alpha
+
+    @property
+    def segment_kv_heads(self) -> list[int]:
+        return list(self.expert_kv_heads)
+
+    def summary_fields(self) -> dict:
+        return {"expert_kv_heads": self.segment_kv_heads, "ratio": self.ratio, "router_grad": self.router_grad,
+                "router": self.router, "alpha": self.alpha}
+
+    def weights_key(self) -> tuple:
+        return (*super().weights_key(), self.expert_kv_heads, [round(x, 6) for x in self.ratio])
+
+    def convert_layer(self, attn, layer_idx, target):
+        groupings = [HeadGrouping(self.native_kv_heads, k) for k in self.expert_kv_heads]
+        weight = attn.k_proj.weight
+        costs = [k / self.native_kv_heads for k in self.expert_kv_heads]
+        router = TokenRouter(target.hidden_size, self.ratio, layer_idx, target.context, self.router_grad,
+                             self.router == "random", costs=costs)
+        attn.router = router.to(device=weight.device, dtype=weight.dtype)
+        attn.k_proj = MixedHeadProjection(attn.k_proj, groupings, target.head_dim, attn.router)
+        attn.v_proj = MixedHeadProjection(attn.v_proj, groupings, target.head_dim, attn.router)
+        return MixedLayout(groupings, attn.router)
