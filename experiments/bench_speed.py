@@ -41,7 +41,8 @@ from mixsga_train.attention.adapters import adapter_for  # noqa: E402
 from mixsga_train.attention.cache import layer_nbytes  # noqa: E402
 from mixsga_train.evaluation.kv import measure_kv_bytes_per_token, native_kv_bytes_per_token  # noqa: E402
 from mixsga_train.evaluation.routing_scope import evaluating  # noqa: E402
-from mixsga_train.models.registry import ModelConfig, load_model  # noqa: E402
+from mixsga_train.models.config import ModelConfig  # noqa: E402
+from mixsga_train.models.loading import load_model  # noqa: E402
 
 MODELS = {
     "tiny": dict(

@@ -256,7 +256,8 @@ def test_no_intact_checkpoint_is_one_line(checkpointed_run, monkeypatch, capsys)
 
 def converted_model(tmp_path):
     from mixsga_train.attention import AttentionConfig, convert_model
-    from mixsga_train.models.registry import ModelConfig, tiny_model, tiny_tokenizer
+    from mixsga_train.models.config import ModelConfig
+    from mixsga_train.models.tiny import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(256)
     model = tiny_model(ModelConfig(source="tiny", tiny_layers=1, max_seq_len=256), tokenizer)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli import WIKITEXT, metrics, run_cli
-from mixsga_train.config import LoggerConfig
+from mixsga_train.tracking import LoggerConfig
 from mixsga_train.tracking import run_name, wandb_mode
 
 WANDB = str(Path(sys.executable).parent / "wandb")
