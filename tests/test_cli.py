@@ -12,7 +12,7 @@ from mixsga_train.metrics import EvalMetrics, RunMetrics
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lm") / "run"
-    proc = run_cli(["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "zero=stage2", f"hydra.run.dir={run_dir}"])
+    proc = run_cli(["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "trainer.zero_stage=2", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 

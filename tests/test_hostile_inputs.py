@@ -396,7 +396,8 @@ HYDRA = [
     (["trainer.max_stepz=3"], "error: trainer.max_stepz: no such key or config group; did you mean "
                               "'trainer.max_steps'? (to add a new key on purpose, write +trainer.max_stepz=...)"),
     (["modle=tiny_llama"], "error: modle: no such key or config group; did you mean 'model'?"),
-    (["precison=bf16"], "error: precison: no such key or config group; did you mean 'precision'?"),
+    (["trainer.precison=bf16"], "error: trainer.precison: no such key or config group; did you mean "
+                                "'trainer.precision'?"),
     (["trainer.eps=1e-6"], "error: trainer.eps: a setting the shipped YAML leaves at its default; "
                            "set it with +trainer.eps=..."),
     (["model=tiny_lama"], "error: model: unknown option 'tiny_lama'; available: gemma2_2b"),

@@ -9,12 +9,24 @@ import json
 import signal
 
 import pytest
-
 from in_process import run_train
+from training_runs import (
+    SAVE_EVERY,
+    STEPS,
+    command,
+    comparable,
+    metrics,
+    reference_run,
+    run,
+    start,
+    wait_for_checkpoint,
+)
+
 from mixsga_train.errors import ConfigError
 from mixsga_train.run_dir import check_run_dir
 from mixsga_train.training import checkpoints
-from training_runs import SAVE_EVERY, STEPS, command, comparable, metrics, reference_run, run, start, wait_for_checkpoint
+
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses; `make test` runs them, `make test-fast` not
 
 RESUMED = {"train.resumed_from"}
 
