@@ -282,7 +282,8 @@ def markdown(result: dict, args, command: str) -> str:
                              f"| {c['cache_reserved_bytes'] / 2**20:.2f} | {c['transient_bytes'] / 2**10:.1f} "
                              f"| {c['peak_bytes'] / 2**20:.2f} |")
         lines += ["", f"KV bytes/token measured at {args.kv_len} tokens: " + ", ".join(
-            f"{name} {row[f'kv_bytes_measured_len{args.kv_len}']:.0f} (budget x native {row['kv_bytes_budget']:.0f})"
+            f"{name} {row[f'kv_bytes_measured_len{args.kv_len}']:.0f} "
+            f"(budget x native {row['kv_bytes_budget']:.0f})"
             for name, row in res["methods"].items()), ""]
     lines += ["## Targets (issue 11)\n", "| measure | value | target | met |", "|---|---|---|---|"]
     for res in result["models"].values():

@@ -265,7 +265,8 @@ def test_wandb_that_fails_to_start_warns_once_and_tracking_is_off(monkeypatch, t
         tracker.finish()
     assert not tracker.active
     assert [r.getMessage() for r in caplog.records] == [
-        "W&B failed to start (RuntimeError: wandb-core could not start); training continues without tracking (logger=none turns it off)"
+        "W&B failed to start (RuntimeError: wandb-core could not start); training continues without tracking "
+        "(logger=none turns it off)"
     ]
 
 

@@ -94,7 +94,8 @@ def test_a_finished_run_dir_is_refused_before_anything_is_written(monkeypatch, c
     code, stderr = run_train([*command(run_dir)[3:], "trainer.resume=auto"], monkeypatch, capsys)
     assert code == 2
     assert stderr.strip().splitlines() == [
-        f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); choose another directory or delete it"
+        f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); "
+        "choose another directory or delete it"
     ]
     assert snapshot(run_dir) == before  # not even Hydra's .hydra/ or the log changed
 
