@@ -4,10 +4,8 @@ is loaded."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,8 +44,6 @@ class RunConfig:
             if not 0 <= value < SEED_RANGE:
                 raise ConfigError(key, f"{value} is outside [0, 2**32); use a smaller non-negative seed")
         self.model.validate()
-        if self.model.source == "local" and self.model.path:
-            refuse_converted(Path(self.model.path).expanduser())
         self.task.validate()
         self.trainer.validate()
         self.logger.validate()
@@ -83,24 +79,6 @@ def check_numbers(config, prefix: str = "") -> None:
             raise ConfigError(key, f"{value} is not a finite number; give a finite value")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
             raise ConfigError(key, f"{value} is too large (beyond int64); give a realistic value")
-
-
-def refuse_converted(path: Path) -> None:
-    """``model.path`` must be an unconverted model: ``AutoModelForCausalLM`` would silently drop the
-    trained routers and reshaped projections of a checkpoint that mixsga-train converted."""
-    config_file = path / "config.json"
-    try:
-        saved = json.loads(config_file.read_text()).get("mixsga") if config_file.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        raise ConfigError("model.path", f"{config_file} is not a readable JSON object; "
-                                        "give a save_pretrained directory") from None
-    if saved:
-        raise ConfigError(
-            "model.path",
-            f"{path} holds a model already converted by mixsga-train ({saved.get('method')}); loading it as a "
-            f"base model would drop its routers: evaluate it with `mixsga-evaluate RUN_DIR --checkpoint {path}`, "
-            "or start from the unconverted base model",
-        )
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -3,6 +3,7 @@ without loading any weights; ``loading.py`` loads it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class ModelConfig:
             raise ConfigError(
                 "model.path", f"{self.path} has no config.json; give a save_pretrained checkpoint directory"
             )
+        refuse_converted(Path(self.path).expanduser())
 
     def _validate_tiny(self) -> None:
         if self.tiny_family not in FAMILIES:
@@ -132,3 +134,21 @@ class ModelConfig:
             raise ConfigError(
                 "model.tiny_kv_heads", f"OPT is multi-head only; set it to tiny_heads={self.tiny_heads}"
             )
+
+
+def refuse_converted(path: Path) -> None:
+    """``model.path`` must be an unconverted model: ``AutoModelForCausalLM`` would silently drop the
+    trained routers and reshaped projections of a checkpoint that mixsga-train converted."""
+    config_file = path / "config.json"
+    try:
+        saved = json.loads(config_file.read_text()).get("mixsga") if config_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError("model.path", f"{config_file} is not a readable JSON object; "
+                                        "give a save_pretrained directory") from None
+    if saved:
+        raise ConfigError(
+            "model.path",
+            f"{path} holds a model already converted by mixsga-train ({saved.get('method')}); loading it as a "
+            f"base model would drop its routers: evaluate it with `mixsga-evaluate RUN_DIR --checkpoint {path}`, "
+            "or start from the unconverted base model",
+        )
