@@ -67,8 +67,11 @@ class EvalMetrics:
         if data is None:
             return None
         scalars = {k: data.get(k) for k in _SCALAR_EVAL_KEYS}
-        return cls(**scalars, expert_fractions=ExpertFractions.from_json(data.get("expert_fractions")),
-                   rouge_l=dict(data.get("rouge_l") or {}))
+        return cls(
+            **scalars,
+            expert_fractions=ExpertFractions.from_json(data.get("expert_fractions")),
+            rouge_l=dict(data.get("rouge_l") or {}),
+        )
 
     def curves(self, prefix: str) -> dict[str, float]:
         """The numbers tracked as curves: ``{prefix}/{key}`` for every number set, ROUGE-L per set."""
@@ -77,9 +80,18 @@ class EvalMetrics:
         return numbers
 
 
-_SCALAR_EVAL_KEYS = ("ppl_causal_routing", "ppl", "word_ppl_causal_routing", "word_ppl", "eval_tokens",
-                     "kv_bytes_per_token", "kv_bytes_per_token_decode", "kv_share_decode", "decode_tokens",
-                     "routing_agreement")
+_SCALAR_EVAL_KEYS = (
+    "ppl_causal_routing",
+    "ppl",
+    "word_ppl_causal_routing",
+    "word_ppl",
+    "eval_tokens",
+    "kv_bytes_per_token",
+    "kv_bytes_per_token_decode",
+    "kv_share_decode",
+    "decode_tokens",
+    "routing_agreement",
+)
 
 
 @dataclass
@@ -119,9 +131,17 @@ class TrainMetrics:
     def from_json(cls, data: dict | None) -> TrainMetrics | None:
         if data is None:
             return None
-        return cls(data.get("steps", 0), data.get("tokens", 0), data.get("seconds", 0.0), data.get("tokens_per_s", 0.0),
-                   data.get("final_loss"), data.get("final_lm_loss"), list(data.get("losses") or []),
-                   TrainRouting.from_json(data.get("routing")), data.get("resumed_from"))
+        return cls(
+            data.get("steps", 0),
+            data.get("tokens", 0),
+            data.get("seconds", 0.0),
+            data.get("tokens_per_s", 0.0),
+            data.get("final_loss"),
+            data.get("final_lm_loss"),
+            list(data.get("losses") or []),
+            TrainRouting.from_json(data.get("routing")),
+            data.get("resumed_from"),
+        )
 
 
 @dataclass
@@ -158,10 +178,28 @@ class RunMetrics:
         if not isinstance(data, dict):
             raise TypeError(f"metrics.json holds {type(data).__name__}, not an object")
         top = {k: data.get(k) for k in _TOP_KEYS}
-        return cls(**top, attention=dict(data.get("attention") or {}), train=TrainMetrics.from_json(data.get("train")),
-                   eval_before=EvalMetrics.from_json(data.get("eval_before")),
-                   eval=EvalMetrics.from_json(data.get("eval") or {}))
+        return cls(
+            **top,
+            attention=dict(data.get("attention") or {}),
+            train=TrainMetrics.from_json(data.get("train")),
+            eval_before=EvalMetrics.from_json(data.get("eval_before")),
+            eval=EvalMetrics.from_json(data.get("eval") or {}),
+        )
 
 
-_TOP_KEYS = ("model", "task", "experiment", "seed", "method", "expert_kv_heads", "ratio", "router_grad", "router",
-             "alpha", "kv_budget", "kv_bytes_per_token", "kv_bytes_per_token_native", "params")
+_TOP_KEYS = (
+    "model",
+    "task",
+    "experiment",
+    "seed",
+    "method",
+    "expert_kv_heads",
+    "ratio",
+    "router_grad",
+    "router",
+    "alpha",
+    "kv_budget",
+    "kv_bytes_per_token",
+    "kv_bytes_per_token_native",
+    "params",
+)

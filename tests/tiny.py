@@ -14,8 +14,18 @@ def tiny_model(family: str, kv_heads: int = 4, layers: int = 3, seed: int = 0, h
     256 positions and a Gemma 2 window of 6 (shorter than the test sequences)."""
     heads = kv_heads if family == "opt" else heads
     torch.manual_seed(seed)  # what a test draws next (inputs) is seeded too
-    return build_tiny_model(family, vocab_size=96, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                            intermediate=96, max_positions=256, sliding_window=6, seed=seed).eval()
+    return build_tiny_model(
+        family,
+        vocab_size=96,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=96,
+        max_positions=256,
+        sliding_window=6,
+        seed=seed,
+    ).eval()
 
 
 def byte_bpe_tokenizer(sample: str, vocab_size: int = 512):
@@ -27,6 +37,8 @@ def byte_bpe_tokenizer(sample: str, vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator([sample], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")

@@ -61,9 +61,7 @@ class ModelConfig:
         if self.source not in LOADERS:
             raise ConfigError("model.source", f"unknown {self.source!r}; choose one of {', '.join(LOADERS)}")
         if self.family is not None and self.family not in FAMILIES:
-            raise ConfigError(
-                "model.family", f"unknown {self.family!r}; choose one of {', '.join(FAMILIES)} or null"
-            )
+            raise ConfigError("model.family", f"unknown {self.family!r}; choose one of {', '.join(FAMILIES)} or null")
         if self.dtype not in DTYPES:
             raise ConfigError("model.dtype", f"unknown {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_seq_len < 1:
@@ -87,8 +85,10 @@ class ModelConfig:
         if self.native_kv_heads is None or self.num_layers is None:
             config = self._checkpoint_config()
             if config is not None:
-                return (self.native_kv_heads or adapter_for(config).native_kv_heads(config),
-                        self.num_layers or config.num_hidden_layers)
+                return (
+                    self.native_kv_heads or adapter_for(config).native_kv_heads(config),
+                    self.num_layers or config.num_hidden_layers,
+                )
         return self.native_kv_heads, self.num_layers
 
     def _checkpoint_config(self) -> PretrainedConfig | None:
@@ -114,26 +114,26 @@ class ModelConfig:
 
     def _validate_tiny(self) -> None:
         if self.tiny_family not in FAMILIES:
-            raise ConfigError(
-                "model.tiny_family", f"unknown {self.tiny_family!r}; choose one of {', '.join(FAMILIES)}"
-            )
-        sizes = ("tiny_layers", "tiny_hidden", "tiny_heads", "tiny_kv_heads", "tiny_intermediate",
-                 "tiny_sliding_window")
+            raise ConfigError("model.tiny_family", f"unknown {self.tiny_family!r}; choose one of {', '.join(FAMILIES)}")
+        sizes = (
+            "tiny_layers",
+            "tiny_hidden",
+            "tiny_heads",
+            "tiny_kv_heads",
+            "tiny_intermediate",
+            "tiny_sliding_window",
+        )
         for key in sizes:
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}", f"{getattr(self, key)} must be positive")
         if self.tiny_hidden % self.tiny_heads:
-            raise ConfigError(
-                "model.tiny_heads", f"{self.tiny_heads} does not divide tiny_hidden={self.tiny_hidden}"
-            )
+            raise ConfigError("model.tiny_heads", f"{self.tiny_heads} does not divide tiny_hidden={self.tiny_hidden}")
         if self.tiny_heads % self.tiny_kv_heads:
             raise ConfigError(
                 "model.tiny_kv_heads", f"{self.tiny_kv_heads} does not divide tiny_heads={self.tiny_heads}"
             )
         if self.tiny_family == "opt" and self.tiny_kv_heads != self.tiny_heads:
-            raise ConfigError(
-                "model.tiny_kv_heads", f"OPT is multi-head only; set it to tiny_heads={self.tiny_heads}"
-            )
+            raise ConfigError("model.tiny_kv_heads", f"OPT is multi-head only; set it to tiny_heads={self.tiny_heads}")
 
 
 def refuse_converted(path: Path) -> None:
@@ -143,8 +143,9 @@ def refuse_converted(path: Path) -> None:
     try:
         saved = json.loads(config_file.read_text()).get("mixsga") if config_file.is_file() else None
     except (OSError, ValueError, AttributeError):
-        raise ConfigError("model.path", f"{config_file} is not a readable JSON object; "
-                                        "give a save_pretrained directory") from None
+        raise ConfigError(
+            "model.path", f"{config_file} is not a readable JSON object; give a save_pretrained directory"
+        ) from None
     if saved:
         raise ConfigError(
             "model.path",

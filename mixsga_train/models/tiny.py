@@ -75,16 +75,23 @@ def _mistral(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfi
 
 
 def _gemma2(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
-    return Gemma2Config(**sizes, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
-                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    return Gemma2Config(
+        **sizes,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    )
 
 
 def _opt(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
     if sizes["num_key_value_heads"] != sizes["num_attention_heads"]:
         raise ValueError("OPT is multi-head only: give as many KV heads as query heads")
     plain = {k: v for k, v in sizes.items() if k not in ("num_key_value_heads", "intermediate_size")}
-    return OPTConfig(**plain, ffn_dim=sizes["intermediate_size"], word_embed_proj_dim=sizes["hidden_size"],
-                     enable_bias=True)
+    return OPTConfig(
+        **plain, ffn_dim=sizes["intermediate_size"], word_embed_proj_dim=sizes["hidden_size"], enable_bias=True
+    )
 
 
 # family (``config.model_type``) -> (its config from the shared sizes, its causal-LM class)
@@ -97,9 +104,20 @@ TINY_FAMILIES: dict[str, tuple[Callable[[dict, int, int], PretrainedConfig], typ
 }
 
 
-def build_tiny_model(family: str, *, vocab_size: int, layers: int, hidden: int, heads: int, kv_heads: int,
-                     intermediate: int, max_positions: int, sliding_window: int = 8, seed: int = 0,
-                     token_ids: dict[str, int] | None = None) -> PreTrainedModel:
+def build_tiny_model(
+    family: str,
+    *,
+    vocab_size: int,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    max_positions: int,
+    sliding_window: int = 8,
+    seed: int = 0,
+    token_ids: dict[str, int] | None = None,
+) -> PreTrainedModel:
     """A randomly initialised ``family`` model, the same weights for the same arguments (``seed``;
     the global generator is left untouched). ``sliding_window``: Gemma 2's local window on
     alternate layers. ``token_ids``: ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id``.
@@ -107,9 +125,16 @@ def build_tiny_model(family: str, *, vocab_size: int, layers: int, hidden: int, 
     if family not in TINY_FAMILIES:
         raise ValueError(f"no tiny {family!r} model; families: {', '.join(TINY_FAMILIES)}")
     make_config, model_cls = TINY_FAMILIES[family]
-    sizes = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                 num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
-                 **(token_ids or {}))
+    sizes = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        **(token_ids or {}),
+    )
     config = make_config(sizes, hidden // heads, sliding_window)
     config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     with torch.random.fork_rng(devices=[]):
@@ -120,9 +145,19 @@ def build_tiny_model(family: str, *, vocab_size: int, layers: int, hidden: int, 
 def tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The ``tiny`` source: a ``cfg.tiny_family`` model sized by ``cfg.tiny_*`` for ``tokenizer``
     (vocabulary rounded up to a multiple of 64), with exactly ``cfg.max_seq_len`` positions."""
-    token_ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id)
-    return build_tiny_model(cfg.tiny_family, vocab_size=-(-len(tokenizer) // 64) * 64, layers=cfg.tiny_layers,
-                            hidden=cfg.tiny_hidden, heads=cfg.tiny_heads, kv_heads=cfg.tiny_kv_heads,
-                            intermediate=cfg.tiny_intermediate, max_positions=cfg.max_seq_len,
-                            sliding_window=cfg.tiny_sliding_window, seed=cfg.tiny_seed, token_ids=token_ids)
+    token_ids = dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    return build_tiny_model(
+        cfg.tiny_family,
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        layers=cfg.tiny_layers,
+        hidden=cfg.tiny_hidden,
+        heads=cfg.tiny_heads,
+        kv_heads=cfg.tiny_kv_heads,
+        intermediate=cfg.tiny_intermediate,
+        max_positions=cfg.max_seq_len,
+        sliding_window=cfg.tiny_sliding_window,
+        seed=cfg.tiny_seed,
+        token_ids=token_ids,
+    )

@@ -62,9 +62,7 @@ class TrainerConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("trainer.zero_stage", f"{self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
         if self.precision not in PRECISIONS:
-            raise ConfigError(
-                "trainer.precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
-            )
+            raise ConfigError("trainer.precision", f"unknown {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if (self.max_steps is None) == (self.epochs is None):
             raise ConfigError(
                 "trainer.max_steps", "give exactly one of trainer.max_steps and trainer.epochs (set the other to null)"
