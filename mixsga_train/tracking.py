@@ -169,7 +169,7 @@ def _flatten(metrics, prefix: str = "") -> dict:
     out = {}
     for key, value in _plain(metrics).items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) or (is_dataclass(value) and not isinstance(value, type)):
             out.update(_flatten(value, f"{name}/"))
         else:
             out[name] = value
