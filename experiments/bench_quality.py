@@ -14,7 +14,8 @@ partition). 33% needs every token in the 1-head expert (0:1), i.e. mixSGA degene
 with an unused router: it is only run with --with-degenerate and otherwise reported as the GQA-1
 point (the forward pass is identical; the cache adds a 1-byte id per layer).
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/bench_quality.py [--steps 16] [--seeds 0 1] [--with-degenerate] [--dry-run]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/bench_quality.py [--steps 16] [--seeds 0 1] \
+        [--with-degenerate] [--dry-run]
 
 On a shared 2-core machine use OMP_NUM_THREADS=1 (two threads per process thrashed: 70 s vs 13 s per step).
 """
@@ -54,8 +55,8 @@ def common(args) -> list[str]:
         f"task.local_dir={args.data}",
         f"task.seq_len={args.seq_len}",
         f"task.max_eval_tokens={args.eval_tokens}",
-        f"precision={args.precision}",
-        "zero=stage0",
+        f"trainer.precision={args.precision}",
+        "trainer.zero_stage=0",
         "logger=none",
         "experiment_name=bench_quality",
         f"trainer.max_steps={args.steps}",

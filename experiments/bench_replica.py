@@ -98,7 +98,7 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     py = [sys.executable, "-m", "mixsga_train.train"]
     base = ["task=shakespeare", f"task.seq_len={args.seq_len}", f"task.max_eval_tokens={args.eval_tokens}",
-            "precision=fp32", "zero=stage0", "logger=none", "experiment_name=bench_replica",
+            "trainer.precision=fp32", "trainer.zero_stage=0", "logger=none", "experiment_name=bench_replica",
             f"trainer.micro_batch_size={args.batch}", "trainer.eval_batch_size=32", "trainer.log_every=25"]
     pre_dir = (ROOT / args.pretrained if args.pretrained else out) / "pretrain_mha"
     pretrain = py + base + ["model=tiny_llama_mha8", "attention=mha", f"trainer.max_steps={args.pretrain_steps}",

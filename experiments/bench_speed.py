@@ -41,7 +41,8 @@ from mixsga_train.attention.adapters import adapter_for  # noqa: E402
 from mixsga_train.attention.cache import layer_nbytes  # noqa: E402
 from mixsga_train.evaluation.kv import measure_kv_bytes_per_token, native_kv_bytes_per_token  # noqa: E402
 from mixsga_train.evaluation.routing_scope import evaluating  # noqa: E402
-from mixsga_train.models.registry import ModelConfig, load_model  # noqa: E402
+from mixsga_train.models.config import ModelConfig  # noqa: E402
+from mixsga_train.models.loading import load_model  # noqa: E402
 
 MODELS = {
     "tiny": dict(
@@ -281,7 +282,8 @@ def markdown(result: dict, args, command: str) -> str:
                              f"| {c['cache_reserved_bytes'] / 2**20:.2f} | {c['transient_bytes'] / 2**10:.1f} "
                              f"| {c['peak_bytes'] / 2**20:.2f} |")
         lines += ["", f"KV bytes/token measured at {args.kv_len} tokens: " + ", ".join(
-            f"{name} {row[f'kv_bytes_measured_len{args.kv_len}']:.0f} (budget x native {row['kv_bytes_budget']:.0f})"
+            f"{name} {row[f'kv_bytes_measured_len{args.kv_len}']:.0f} "
+            f"(budget x native {row['kv_bytes_budget']:.0f})"
             for name, row in res["methods"].items()), ""]
     lines += ["## Targets (issue 11)\n", "| measure | value | target | met |", "|---|---|---|---|"]
     for res in result["models"].values():

@@ -30,4 +30,5 @@ for name, cfg in methods.items():
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     text = tokenizer.decode(out.sequences[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
     prefill = measure_kv_bytes_per_token(model, passage)  # 64-token prompt, routed by top-k
-    print(f"{name:36s} prefill {prefill:8.1f} B/token | prompt+decode {cache_bytes_per_token(out.cache):8.1f} B/token | {text!r}")
+    cached = cache_bytes_per_token(out.cache)
+    print(f"{name:36s} prefill {prefill:8.1f} B/token | prompt+decode {cached:8.1f} B/token | {text!r}")

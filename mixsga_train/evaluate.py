@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .cli_checks import CONF_DIR, check_group_choices
 from .config import to_run_config
 from .errors import EXIT_CONFIG, ConfigError, DataError, StorageError
+from .metrics import EvalMetrics
 from .run_dir import check_output_name, write_json_atomic
 
 
@@ -124,16 +125,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     try:
         check_output_name(args.run_dir, args.name)  # again: another evaluation may have written it meanwhile
-        write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results})
+        write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results.to_json()})
     except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     track_reevaluation(run_cfg, resolved, args, checkpoint, results)
-    print(f"perplexity {results['ppl_causal_routing']:.3f} causal routing (top-k {results['ppl']:.3f}, non-causal); "
-          f"KV bytes/real token {results['kv_bytes_per_token']:.1f}; written to {out}")
+    print(f"{evaluation_line(results)}; written to {out}")
 
 
-def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: Path, results: dict) -> None:
+def evaluation_line(results: EvalMetrics) -> str:
+    """One line of what an evaluation measured (no KV bytes when nothing was generated)."""
+    line = f"perplexity {results.ppl_causal_routing:.3f} causal routing (top-k {results.ppl:.3f}, non-causal)"
+    if results.kv_bytes_per_token is not None:
+        line += f"; KV bytes/real token {results.kv_bytes_per_token:.1f}"
+    return line
+
+
+def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: Path, results: EvalMetrics) -> None:
     """Log the re-evaluation as its own W&B run (job type ``evaluate``) in the run's group, when
     the run's logger (or a ``logger=...`` override) tracks."""
     from .pipeline import run_tags, track_eval

@@ -27,7 +27,8 @@ from .evaluation.rolling import rolling_windows
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.perplexity import scored_words
 from .evaluation.suite import evaluate_lm, evaluate_sft
-from .models.registry import load_model
+from .metrics import EvalMetrics, RunMetrics, TrainMetrics
+from .models.loading import load_model
 from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error, write_config,
                       write_json_atomic)
 from .tracking import run_name, start_tracker
@@ -114,17 +115,18 @@ def _stack(items: list[dict]) -> dict:
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
 
-def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> dict:
+def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> EvalMetrics:
     if cfg.task.kind == "lm":
         return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size, data.eval_labels)
-    return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size, cfg.seed)
+    return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size,
+                        cfg.seed)
 
 
 def run_tags(resolved: ResolvedAttention) -> list[str]:
     return [f"method:{resolved.method}", f"budget:{resolved.kv_budget:.3f}"]
 
 
-def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml: dict) -> dict:
+def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml: dict) -> RunMetrics:
     """Train and evaluate one configuration in ``run_dir``; returns the metrics written there.
 
     Every rank runs all of it (evaluation is replicated, so every rank computes the same
@@ -163,14 +165,14 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
                        on_step=evaluate_during_training)
     after = evaluate(model, tokenizer, data, cfg)
     track_eval(tracker, "eval", after, result.steps if result is not None else 0)
-    if tracker.active and cfg.logger.samples:
+    if tracker.active and cfg.logger.samples and (cfg.task.kind == "lm" or data.eval_sets):
         tracker.table("samples", ["prompt", "reference", "generation"], generation_samples(model, tokenizer, data, cfg))
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
     with full_parameters(model):  # ZeRO-3: the saved weights are the gathered, not the partitioned, ones
         if dist.is_main:
             save_model(model, tokenizer, run_dir / "model")
     if dist.is_main:
-        write_json_atomic(run_dir / METRICS, metrics)
+        write_json_atomic(run_dir / METRICS, metrics.to_json())
     tracker.summary(metrics)
     tracker.finish()
     return metrics
@@ -188,26 +190,24 @@ def save_model(model, tokenizer, folder: Path) -> None:
 
 
 def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None,
-                    dist: Dist, tracker) -> dict | None:
+                    dist: Dist, tracker) -> EvalMetrics | None:
     """The evaluation before training (``trainer.eval_before``), kept in ``eval_before.json`` so a
     resumed run reports the same numbers as an uninterrupted one without recomputing them."""
     if not cfg.trainer.eval_before:
         return None
     saved = read_json(run_dir / EVAL_BEFORE) if resume_step is not None else None
     if saved is not None:
-        return saved
+        return EvalMetrics.from_json(saved)
     before = evaluate(model, tokenizer, data, cfg)
     if dist.is_main:
-        write_json_atomic(run_dir / EVAL_BEFORE, before)
+        write_json_atomic(run_dir / EVAL_BEFORE, before.to_json())
     track_eval(tracker, "eval_before", before, 0)
     return before
 
 
-def track_eval(tracker, prefix: str, results: dict, step: int) -> None:
+def track_eval(tracker, prefix: str, results: EvalMetrics, step: int) -> None:
     """Log an evaluation's numbers (perplexities, KV bytes, ROUGE-L per set) as curves at ``step``."""
-    numbers = {f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    numbers.update({f"{prefix}/rouge_l/{k}": v for k, v in (results.get("rouge_l") or {}).items()})
-    tracker.log(numbers, step=step)
+    tracker.log(results.curves(prefix), step=step)
 
 
 def generation_samples(model, tokenizer, data: TaskData, cfg: RunConfig) -> list[list[str]]:
@@ -228,41 +228,36 @@ def generation_samples(model, tokenizer, data: TaskData, cfg: RunConfig) -> list
     return [[ex.prompt, ex.references[0], pred] for ex, pred in zip(examples, result.predictions)]
 
 
-def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before, after, result) -> dict:
-    """The metrics.json contract (docs/metrics.md)."""
+def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before: EvalMetrics | None,
+                     after: EvalMetrics, result) -> RunMetrics:
+    """The metrics.json contract (``metrics.py``, docs/metrics.md)."""
     dtype = next(model.parameters()).dtype
     train_block = None
     if result is not None:
-        train_block = {
-            "steps": result.steps,
-            "tokens": result.tokens,
-            "seconds": result.seconds,
-            "tokens_per_s": result.tokens_per_s,
-            "final_loss": result.final_loss,
-            "final_lm_loss": result.final_lm_loss,
-            "losses": result.losses,
-            "routing": result.routing(),
-            "resumed_from": result.resumed_from,
-        }
-    return {
-        "model": cfg.model.name,
-        "task": cfg.task.name,
-        "experiment": cfg.experiment_name,
-        "seed": cfg.seed,
-        "method": resolved.method,
+        train_block = TrainMetrics(
+            steps=result.steps,
+            tokens=result.tokens,
+            seconds=result.seconds,
+            tokens_per_s=result.tokens_per_s,
+            final_loss=result.final_loss,
+            final_lm_loss=result.final_lm_loss,
+            losses=result.losses,
+            routing=result.routing(),
+            resumed_from=result.resumed_from,
+        )
+    return RunMetrics(
+        model=cfg.model.name,
+        task=cfg.task.name,
+        experiment=cfg.experiment_name,
+        seed=cfg.seed,
+        method=resolved.method,
         **resolved.summary_fields(),
-        "kv_budget": resolved.kv_budget,
-        "kv_bytes_per_token": after["kv_bytes_per_token"],
-        "kv_bytes_per_token_native": native_kv_bytes_per_token(model.config, dtype),
-        "params": sum(p.numel() for p in model.parameters()),
-        "attention": resolved.to_dict(),
-        "train": train_block,
-        "eval_before": before,
-        "eval": after,
-    }
-
-
-def eval_only(cfg: RunConfig, model, tokenizer, dist: Dist | None = None) -> dict:
-    """Evaluate an already loaded (converted) model on ``cfg.task``."""
-    data = load_task_data(cfg, tokenizer)
-    return evaluate(model, tokenizer, data, cfg)
+        kv_budget=resolved.kv_budget,
+        kv_bytes_per_token=after.kv_bytes_per_token,
+        kv_bytes_per_token_native=native_kv_bytes_per_token(model.config, dtype),
+        params=sum(p.numel() for p in model.parameters()),
+        attention=resolved.to_dict(),
+        train=train_block,
+        eval_before=before,
+        eval=after,
+    )

@@ -111,7 +111,8 @@ def check_run_dir(run_dir: Path, resume: str, requested: dict | None = None, war
     if writers != world_size:
         raise ConfigError(
             "trainer.resume",
-            f"{root / checkpoints.tag(latest)} was written by {writers} processes, not {world_size}; resume with {writers} processes",
+            f"{root / checkpoints.tag(latest)} was written by {writers} processes, not {world_size}; "
+            f"resume with {writers} processes",
         )
     if damaged and warn:
         log.warning("%s; resuming from the previous complete checkpoint, step %d", "; ".join(damaged), latest)

@@ -8,12 +8,42 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
 DEFAULT_PROJECT, DEFAULT_MODE = "mixsga-train", "offline"
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking. backend: ``wandb`` or ``none``. project, entity, mode: W&B's; null
+    leaves them to the environment (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE), then to the defaults
+    ``mixsga-train`` and ``offline`` (files under the run directory, ``wandb sync`` later); mode may
+    be ``offline``, ``online`` or ``disabled``. group defaults to the experiment name; tags get the
+    method and budget added. samples: generations logged as a table after training (0: none)."""
+
+    backend: str = "wandb"
+    project: str | None = None
+    entity: str | None = None
+    mode: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    samples: int = 4
+
+    def validate(self) -> None:
+        if self.backend not in LOGGERS:
+            raise ConfigError("logger.backend", f"unknown {self.backend!r}; choose one of {', '.join(LOGGERS)}")
+        if self.samples < 0:
+            raise ConfigError("logger.samples", f"{self.samples} must be >= 0 (0: no sample table)")
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise ConfigError("logger.mode", f"unknown {self.mode!r}; choose one of {', '.join(WANDB_MODES)}")
 
 
 class Tracker:
@@ -30,7 +60,9 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         self._call(lambda run: run.log(metrics, step=step))
 
-    def summary(self, metrics: dict) -> None:
+    def summary(self, metrics) -> None:
+        """Set the run's summary to ``metrics`` (a ``RunMetrics`` or a dict, possibly of ``EvalMetrics``),
+        flattened to ``block/key`` names."""
         self._call(lambda run: run.summary.update(_flatten(metrics)))
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
@@ -132,12 +164,17 @@ def _run_id(run_dir: Path, label: str | None) -> str:
     return path.read_text().strip()
 
 
-def _flatten(metrics: dict, prefix: str = "") -> dict:
+def _flatten(metrics, prefix: str = "") -> dict:
+    """``{"eval": {"ppl": 3}}`` -> ``{"eval/ppl": 3}``; dataclasses (the metrics contract) count as dicts."""
     out = {}
-    for key, value in metrics.items():
+    for key, value in _plain(metrics).items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) or (is_dataclass(value) and not isinstance(value, type)):
             out.update(_flatten(value, f"{name}/"))
         else:
             out[name] = value
     return out
+
+
+def _plain(value):
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import cli_checks
 from .cli_checks import check_group_choices
 from .errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError, DataError, StorageError
+from .metrics import RunMetrics
 from .run_dir import check_run_dir, hold_run_dir, refuse_finished
 from .sweep import JobFailed, in_multirun, run_job
 
@@ -53,18 +54,17 @@ def _main(cfg: DictConfig) -> float | None:
     """The Hydra task. In a multirun it returns the job's objective (sweep.objective) for the sweeper."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if in_multirun():
-        return run_job(cfg, run_dir, lambda: _run(cfg, run_dir), fail, EXIT_CONFIG, EXIT_INTERRUPTED)
+        return run_job(cfg, run_dir, lambda: _run(cfg, run_dir).to_json(), fail, EXIT_CONFIG, EXIT_INTERRUPTED)
     _run(cfg, run_dir)
     return None
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict:
+def _run(cfg: DictConfig, run_dir: Path) -> RunMetrics:
     """Validate, run the pipeline in ``run_dir``, print the summary; returns the metrics."""
-    # torch, transformers and DeepSpeed take seconds to import: only here, after Hydra has
-    # answered --help / --cfg, and the pipeline itself only after the config validated.
+    # torch and transformers (through config.py) take seconds to import: only here, after Hydra has
+    # answered --help / --cfg; DeepSpeed (through the pipeline's training loop) only after the config validated.
     from .config import to_run_config
     from .training.distributed import launcher_rank
-    from .training.loop import TrainingDiverged, TrainingInterrupted
 
     try:
         run_cfg = to_run_config(cfg)
@@ -73,6 +73,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         fail(str(err), EXIT_CONFIG)
     print(f"attention: {resolved.describe()}", flush=True)
     from .pipeline import run
+    from .training.loop import TrainingDiverged, TrainingInterrupted
 
     try:
         with job_lock(run_dir):
@@ -95,30 +96,29 @@ def job_lock(run_dir: Path):
     return contextlib.nullcontext()
 
 
-def summary(metrics: dict, run_dir: Path) -> str:
-    """The few numbers a person wants after a run; causal-routing perplexity first (the headline)."""
-    budget = metrics["kv_budget"]
-    lines = [f"run: {metrics['model']} {metrics['method']} ({100 * budget:.1f}% KV nominal) on {metrics['task']}"]
-    before, after = metrics.get("eval_before"), metrics["eval"]
-    for label, block in (("before training:", before), ("after training: ", after)):
+def summary(metrics: RunMetrics, run_dir: Path) -> str:
+    """The few numbers a person wants after a run; causal-routing perplexity first (the headline).
+    Values a run did not measure (no generations: no KV bytes) are left out."""
+    budget = metrics.kv_budget
+    lines = [f"run: {metrics.model} {metrics.method} ({100 * budget:.1f}% KV nominal) on {metrics.task}"]
+    for label, block in (("before training:", metrics.eval_before), ("after training: ", metrics.eval)):
         if block is not None:
-            lines.append(f"perplexity {label} {block['ppl_causal_routing']:.2f} causal routing; "
-                         f"top-k {block['ppl']:.2f} (paper protocol, non-causal: sees the whole block)")
-    for name, value in after["rouge_l"].items():
+            lines.append(f"perplexity {label} {block.ppl_causal_routing:.2f} causal routing; "
+                         f"top-k {block.ppl:.2f} (paper protocol, non-causal: sees the whole block)")
+    for name, value in metrics.eval.rouge_l.items():
         lines.append(f"ROUGE-L {name}: {value:.2f}")
-    native = metrics["kv_bytes_per_token_native"]
-    for label, key in (("prefill", "kv_bytes_per_token"), ("decode", "kv_bytes_per_token_decode")):
-        value = after.get(key)
+    native = metrics.kv_bytes_per_token_native
+    for label, value in (("prefill", metrics.eval.kv_bytes_per_token), ("decode", metrics.eval.kv_bytes_per_token_decode)):
         if value is not None:
             lines.append(f"KV bytes per real token, {label}: {value:.1f} measured vs {native} native "
                          f"({100 * value / native:.1f}%, nominal {100 * budget:.1f}%)")
-    decode = (after.get("expert_fractions") or {}).get("decode")
+    decode = metrics.eval.expert_fractions.decode
     if decode:
         lines.append("realised decode expert fractions: " + "/".join(f"{f:.2f}" for f in decode))
-    train = metrics["train"]
+    train = metrics.train
     if train:
-        lines.append(f"trained {train['steps']} steps, {train['tokens']} tokens in {train['seconds']:.0f} s "
-                     f"({train['tokens_per_s']:.0f} tok/s), final loss {train['final_loss']:.4f}")
+        lines.append(f"trained {train.steps} steps, {train.tokens} tokens in {train.seconds:.0f} s "
+                     f"({train.tokens_per_s:.0f} tok/s), final loss {train.final_loss:.4f}")
     lines.append(f"run directory: {run_dir}")
     return "\n".join(lines)
 

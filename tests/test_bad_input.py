@@ -166,7 +166,9 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     from transformers import AutoTokenizer
 
     from mixsga_train.data.instructions import SFTCollator
-    from mixsga_train.models.registry import ModelConfig, load_model, tiny_model, tiny_tokenizer
+    from mixsga_train.models.config import ModelConfig
+    from mixsga_train.models.loading import load_model
+    from mixsga_train.models.tiny import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(256)
     model = tiny_model(ModelConfig(source="tiny", tiny_layers=1, max_seq_len=256), tokenizer)
@@ -185,7 +187,8 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
 def converted_checkpoints(tmp_path_factory):
     """save_pretrained directories of the same tiny model converted to mixSGA and to GQA with 2 and 1 KV heads."""
     from mixsga_train.attention import AttentionConfig, convert_model
-    from mixsga_train.models.registry import ModelConfig, tiny_model, tiny_tokenizer
+    from mixsga_train.models.config import ModelConfig
+    from mixsga_train.models.tiny import tiny_model, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("converted")
     methods = {"mixsga": dict(method="mixsga"), "mha": dict(method="mha"), "gqa2": dict(method="gqa", kv_heads=2),
@@ -248,7 +251,7 @@ def test_evaluate_refuses_a_checkpoint_from_another_method(converted_checkpoints
 def test_wandb_that_fails_to_start_warns_once_and_tracking_is_off(monkeypatch, tmp_path, caplog):
     import wandb
 
-    from mixsga_train.config import LoggerConfig
+    from mixsga_train.tracking import LoggerConfig
     from mixsga_train.tracking import start_tracker
 
     def broken_init(**kwargs):
@@ -262,7 +265,8 @@ def test_wandb_that_fails_to_start_warns_once_and_tracking_is_off(monkeypatch, t
         tracker.finish()
     assert not tracker.active
     assert [r.getMessage() for r in caplog.records] == [
-        "W&B failed to start (RuntimeError: wandb-core could not start); training continues without tracking (logger=none turns it off)"
+        "W&B failed to start (RuntimeError: wandb-core could not start); training continues without tracking "
+        "(logger=none turns it off)"
     ]
 
 

@@ -6,11 +6,13 @@ import pytest
 
 from cli import DOLLY, WIKITEXT, metrics, run_cli
 
+from mixsga_train.metrics import EvalMetrics, RunMetrics
+
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lm") / "run"
-    proc = run_cli(["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "zero=stage2", f"hydra.run.dir={run_dir}"])
+    proc = run_cli(["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "trainer.zero_stage=2", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -24,8 +26,8 @@ def test_lm_run_trains_through_deepspeed_and_writes_real_metrics(lm_run):
         assert all(math.isfinite(block[k]) for k in ("ppl", "ppl_causal_routing", "word_ppl"))
     assert after["ppl"] < before["ppl"]  # training helped
     assert m["train"]["steps"] == 8 and m["train"]["tokens"] == 8 * 4 * 80 and m["train"]["final_loss"] < math.log(320)
-    # measured from the cache: 50% of native K/V + one uint8 expert id per layer (2 layers)
-    assert after["kv_bytes_per_token"] == 0.5 * m["kv_bytes_per_token_native"] + 2
+    # measured from the cache: 50% of native K/V + a uint8 expert id and an int32 slot position per layer (2 layers)
+    assert after["kv_bytes_per_token"] == 0.5 * m["kv_bytes_per_token_native"] + 2 * (1 + 4)
     assert m["kv_bytes_per_token_native"] == 2 * 2 * 4 * 16 * 4
     fractions = after["expert_fractions"]["prefill"]
     assert fractions == pytest.approx([0.3, 0.1, 0.6])
@@ -37,6 +39,7 @@ def test_lm_run_trains_through_deepspeed_and_writes_real_metrics(lm_run):
     assert (run_dir / "model" / "config.json").is_file()
     assert "perplexity after training:  " in proc.stdout and "causal routing; top-k" in proc.stdout
     assert "KV bytes per real token, decode" in proc.stdout
+    assert RunMetrics.from_json(m).to_json() == m  # the typed contract reads and writes exactly these keys
 
 
 def test_standalone_evaluate_reproduces_the_run_metrics(lm_run):
@@ -60,6 +63,33 @@ def test_sft_run_writes_rouge_for_the_dolly_test_split(tmp_path):
     assert 0 <= rouge <= 100 and math.isfinite(m["eval"]["ppl"])
     assert sum(m["eval"]["expert_fractions"]["decode"]) == pytest.approx(1.0)
     assert m["eval"]["kv_bytes_per_token"] > 0 and m["train"]["steps"] == 4
+
+
+def test_sft_run_without_eval_sets_reports_no_kv_bytes_instead_of_crashing(tmp_path):
+    """``task.eval_sets=[]`` validates: nothing is generated, so the KV keys are null; the run's summary and
+    ``mixsga-evaluate`` leave them out instead of failing on None."""
+    run_dir = tmp_path / "sft"
+    proc = run_cli(["experiment=smoke_sft", f"task.jsonl={DOLLY}", "task.eval_sets=[]", "trainer.max_steps=0",
+                    f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = RunMetrics.from_json(metrics(run_dir))
+    assert m.kv_bytes_per_token is None and m.eval.kv_bytes_per_token_decode is None and m.eval.rouge_l == {}
+    assert math.isfinite(m.eval.ppl) and "perplexity after training:" in proc.stdout
+    assert "KV bytes per real token" not in proc.stdout
+    again = run_cli([str(run_dir)], module="mixsga_train.evaluate")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "KV bytes/real token" not in again.stdout and "perplexity" in again.stdout
+    import json
+
+    evaluated = EvalMetrics.from_json(json.loads((run_dir / "eval.json").read_text())["eval"])
+    assert evaluated.ppl == pytest.approx(m.eval.ppl, rel=1e-5) and evaluated.kv_bytes_per_token is None
+
+
+def test_run_metrics_read_older_files_with_missing_keys_as_null():
+    old = {"model": "m", "task": "t", "method": "gqa", "kv_budget": 0.5, "eval": {"ppl": 3.0, "ppl_causal_routing": 3.0}}
+    read = RunMetrics.from_json(old)
+    assert read.eval.ppl == 3.0 and read.eval.kv_share_decode is None and read.train is None
+    assert read.eval.expert_fractions.decode is None and read.attention == {} and read.eval_before is None
 
 
 def test_multirun_over_two_methods_writes_two_run_dirs(tmp_path):

@@ -7,8 +7,11 @@ run must finish with one warning and the same numbers, since tracking is not par
 
 import json
 
+import pytest
 from cli import REPO
 from training_runs import command, comparable, metrics, reference_run, run
+
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses; `make test` runs them, `make test-fast` not
 
 WANDB_FAILS = ["logger=wandb", "logger.mode=offline", "logger.project=bad/name"]
 

@@ -12,7 +12,8 @@ from mixsga_train.data.instructions import EvalExample, format_prompt
 from mixsga_train.evaluation.generation import generate_and_score, left_pad
 from mixsga_train.evaluation.kv import measure_kv_bytes_per_token, native_kv_bytes_per_token, nominal_kv_bytes_per_token
 from mixsga_train.evaluation.perplexity import evaluate_perplexity
-from mixsga_train.models.registry import ModelConfig, load_model
+from mixsga_train.models.config import ModelConfig
+from mixsga_train.models.loading import load_model
 from tiny import tiny_model
 
 BLOCKS = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(0))

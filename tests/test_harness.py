@@ -14,7 +14,8 @@ from lm_eval.tasks import TaskManager
 from mixsga_train.attention import AttentionConfig, convert_model, routers
 from mixsga_train.evaluation.routing_scope import evaluating
 from mixsga_train.harness import MixSGAHarnessLM
-from mixsga_train.models.registry import ModelConfig, load_model
+from mixsga_train.models.config import ModelConfig
+from mixsga_train.models.loading import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "harness"
 TASKS = ["mixsga_tiny_choice", "mixsga_tiny_gen"]

@@ -256,7 +256,8 @@ def test_no_intact_checkpoint_is_one_line(checkpointed_run, monkeypatch, capsys)
 
 def converted_model(tmp_path):
     from mixsga_train.attention import AttentionConfig, convert_model
-    from mixsga_train.models.registry import ModelConfig, tiny_model, tiny_tokenizer
+    from mixsga_train.models.config import ModelConfig
+    from mixsga_train.models.tiny import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(256)
     model = tiny_model(ModelConfig(source="tiny", tiny_layers=1, max_seq_len=256), tokenizer)
@@ -395,7 +396,8 @@ HYDRA = [
     (["trainer.max_stepz=3"], "error: trainer.max_stepz: no such key or config group; did you mean "
                               "'trainer.max_steps'? (to add a new key on purpose, write +trainer.max_stepz=...)"),
     (["modle=tiny_llama"], "error: modle: no such key or config group; did you mean 'model'?"),
-    (["precison=bf16"], "error: precison: no such key or config group; did you mean 'precision'?"),
+    (["trainer.precison=bf16"], "error: trainer.precison: no such key or config group; did you mean "
+                                "'trainer.precision'?"),
     (["trainer.eps=1e-6"], "error: trainer.eps: a setting the shipped YAML leaves at its default; "
                            "set it with +trainer.eps=..."),
     (["model=tiny_lama"], "error: model: unknown option 'tiny_lama'; available: gemma2_2b"),

@@ -15,6 +15,7 @@ from mixsga_train.evaluation.kv import (
     slot_kv_bytes,
 )
 from mixsga_train.evaluation.routing_scope import evaluating
+from mixsga_train.metrics import ExpertFractions
 from mixsga_train.evaluation.suite import DECODE_TOKENS, evaluate_lm
 from tiny import tiny_model
 
@@ -138,17 +139,17 @@ def test_evaluate_lm_reports_decode_kv_and_realised_fractions():
     model = model_for("mixsga")
     blocks = torch.randint(3, 96, (3, 20), generator=torch.Generator().manual_seed(2))
     ev = evaluate_lm(model, blocks, words=40, batch_size=2)
-    assert ev["decode_tokens"] == 2 * (DECODE_TOKENS - 1)  # two prompts (batch_size), no EOS configured
-    assert ev["kv_bytes_per_token"] == pytest.approx(0.5 * NATIVE + ROUTED)  # top-k over 20 tokens: exact shares
+    assert ev.decode_tokens == 2 * (DECODE_TOKENS - 1)  # two prompts (batch_size), no EOS configured
+    assert ev.kv_bytes_per_token == pytest.approx(0.5 * NATIVE + ROUTED)  # top-k over 20 tokens: exact shares
     native = native_kv_bytes_per_token(model.config, torch.float32)
     assert native == NATIVE
-    assert ev["kv_share_decode"] == pytest.approx(ev["kv_bytes_per_token_decode"] / native)
-    fr = ev["expert_fractions"]["decode"]
+    assert ev.kv_share_decode == pytest.approx(ev.kv_bytes_per_token_decode / native)
+    fr = ev.expert_fractions.decode
     heads = (4, 2, 1)
     decode_kv = sum(f * h for f, h in zip(fr, heads)) / 4 * NATIVE + ROUTED  # realised fractions -> bytes
-    assert ev["kv_bytes_per_token_decode"] == pytest.approx(decode_kv)
-    assert sum(ev["expert_fractions"]["causal"]) == pytest.approx(1.0)
-    assert ev["ppl_causal_routing"] != ev["ppl"]
+    assert ev.kv_bytes_per_token_decode == pytest.approx(decode_kv)
+    assert sum(ev.expert_fractions.causal) == pytest.approx(1.0)
+    assert ev.ppl_causal_routing != ev.ppl
     gqa = evaluate_lm(model_for("gqa"), blocks, words=40, batch_size=2)
-    assert gqa["kv_share_decode"] == 0.5
-    assert gqa["expert_fractions"] == {"prefill": None, "decode": None, "causal": None}
+    assert gqa.kv_share_decode == 0.5
+    assert gqa.expert_fractions == ExpertFractions(prefill=None, decode=None, causal=None)

@@ -18,7 +18,9 @@ from transformers import LlamaForCausalLM
 from mixsga_train.errors import ConfigError
 from mixsga_train.models import gguf
 from mixsga_train.attention.adapters import adapter_for, head_dim
-from mixsga_train.models.registry import FAMILIES, ModelConfig, load_model, max_positions, tiny_tokenizer
+from mixsga_train.models.config import FAMILIES, ModelConfig
+from mixsga_train.models.loading import LOADERS, load_model, max_positions
+from mixsga_train.models.tiny import build_tiny_model, tiny_tokenizer
 
 
 def native_kv_heads(config):
@@ -228,3 +230,24 @@ def test_smollm2_converted_to_mixsga_1_0_matches_and_answers_the_same(smollm2):
         a = model.generate(**ids, max_new_tokens=6, do_sample=False)
         b = converted.generate(**ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b) and tokenizer.decode(a[0, ids.input_ids.shape[1]:]).strip().startswith("Paris")
+
+
+def test_the_tiny_builder_refuses_an_unlisted_family():
+    with pytest.raises(ValueError, match="no tiny 'bert' model; families: llama, qwen2, mistral, gemma2, opt"):
+        build_tiny_model("bert", vocab_size=96, layers=1, hidden=16, heads=2, kv_heads=2, intermediate=16,
+                         max_positions=32)
+
+
+def test_a_new_model_source_is_one_loaders_entry(monkeypatch):
+    """``LOADERS`` is the registry ``ModelConfig.validate`` and ``load_model`` dispatch through."""
+    seen = []
+
+    def load_twice_seeded(cfg, dtype):
+        seen.append(dtype)
+        return LOADERS["tiny"](cfg, dtype)
+
+    monkeypatch.setitem(LOADERS, "tiny_again", load_twice_seeded)
+    model, _ = load_model(ModelConfig(source="tiny_again", tiny_layers=1, max_seq_len=64))
+    assert seen == [torch.float32] and model.config.num_hidden_layers == 1
+    with pytest.raises(ConfigError, match="hub, local, gguf_smollm2, tiny, tiny_again"):
+        ModelConfig(source="nowhere").validate()

@@ -10,8 +10,9 @@ Counts (steps, tokens, routed tokens per expert) are exact.
 import sys
 
 import pytest
+from training_runs import command, comparable, metrics, reference_run, run
 
-from training_runs import comparable, command, metrics, reference_run, run
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses; `make test` runs them, `make test-fast` not
 
 REL = 1e-5
 EXACT = ("train.steps", "train.tokens", "params", "kv_bytes_per_token", "eval.eval_tokens")
@@ -21,7 +22,7 @@ EXACT = ("train.steps", "train.tokens", "params", "kv_bytes_per_token", "eval.ev
 def two_process_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = run([*launcher, *command(run_dir, "trainer.grad_accum=1", "zero=stage2")[1:]])
+    proc = run([*launcher, *command(run_dir, "trainer.grad_accum=1", "trainer.zero_stage=2")[1:]])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return run_dir, proc
 

@@ -9,12 +9,24 @@ import json
 import signal
 
 import pytest
-
 from in_process import run_train
+from training_runs import (
+    SAVE_EVERY,
+    STEPS,
+    command,
+    comparable,
+    metrics,
+    reference_run,
+    run,
+    start,
+    wait_for_checkpoint,
+)
+
 from mixsga_train.errors import ConfigError
 from mixsga_train.run_dir import check_run_dir
 from mixsga_train.training import checkpoints
-from training_runs import SAVE_EVERY, STEPS, command, comparable, metrics, reference_run, run, start, wait_for_checkpoint
+
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses; `make test` runs them, `make test-fast` not
 
 RESUMED = {"train.resumed_from"}
 
@@ -82,7 +94,8 @@ def test_a_finished_run_dir_is_refused_before_anything_is_written(monkeypatch, c
     code, stderr = run_train([*command(run_dir)[3:], "trainer.resume=auto"], monkeypatch, capsys)
     assert code == 2
     assert stderr.strip().splitlines() == [
-        f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); choose another directory or delete it"
+        f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); "
+        "choose another directory or delete it"
     ]
     assert snapshot(run_dir) == before  # not even Hydra's .hydra/ or the log changed
 

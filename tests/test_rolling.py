@@ -63,5 +63,5 @@ def test_task_stride_switches_the_run_to_rolling_windows(tmp_path):
     assert rolling.eval_labels is not None and rolling.eval_words == 8
     plain = evaluate_lm(model, blocks.eval_blocks, blocks.eval_words, 2)
     rolled = evaluate_lm(model, rolling.eval_blocks, rolling.eval_words, 2, rolling.eval_labels)
-    assert plain["eval_tokens"] == 2 * 15 and rolled["eval_tokens"] == 40 - 1
-    assert rolled["ppl"] != plain["ppl"] and rolled["ppl_causal_routing"] != rolled["ppl"]
+    assert plain.eval_tokens == 2 * 15 and rolled.eval_tokens == 40 - 1
+    assert rolled.ppl != plain.ppl and rolled.ppl_causal_routing != rolled.ppl

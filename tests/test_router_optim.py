@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixsga_train.attention import AttentionConfig, convert_model
-from mixsga_train.config import TrainerConfig
+from mixsga_train.training.config import TrainerConfig
 from mixsga_train.training.distributed import init_distributed
 from mixsga_train.training.engine_config import (
     deepspeed_config,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixsga_train.attention import AttentionConfig, RoutingStats, convert_model, converted
-from mixsga_train.config import TrainerConfig
+from mixsga_train.training.config import TrainerConfig
 from mixsga_train.errors import ConfigError
 from mixsga_train.training.distributed import first_host, slurm_environment
 from mixsga_train.training.engine_config import built_config, deepspeed_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli import WIKITEXT, metrics, run_cli
-from mixsga_train.config import LoggerConfig
+from mixsga_train.tracking import LoggerConfig
 from mixsga_train.tracking import run_name, wandb_mode
 
 WANDB = str(Path(sys.executable).parent / "wandb")
@@ -97,3 +97,14 @@ def test_run_names_say_method_budget_ratio_and_seed():
     assert run_name("mixsga", 0.5, [0.3, 0.1, 0.6], 2) == "mixsga-50%-0.3:0.1:0.6-s2"
     assert run_name("gqa", 1 / 3, [1.0], 0) == "gqa-33.33%-s0"
     assert run_name("mha", 1.0, None, 1) == "mha-100%-s1"
+
+
+def test_the_summary_flattens_the_typed_metrics_like_their_json():
+    from mixsga_train.metrics import EvalMetrics, ExpertFractions
+    from mixsga_train.tracking import _flatten
+
+    ev = EvalMetrics(ppl=3.0, expert_fractions=ExpertFractions(decode=[0.5, 0.5]), rouge_l={"dolly_test": 20.0})
+    flat = _flatten({"eval": ev})
+    assert flat == _flatten({"eval": ev.to_json()})
+    assert flat["eval/ppl"] == 3.0 and flat["eval/expert_fractions/decode"] == [0.5, 0.5]
+    assert flat["eval/rouge_l/dolly_test"] == 20.0 and flat["eval/kv_bytes_per_token"] is None

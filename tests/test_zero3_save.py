@@ -10,10 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
-
 from training_runs import command, reference_run, run
+
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses; `make test` runs them, `make test-fast` not
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -37,7 +39,7 @@ def test_zero3_two_process_save_equals_the_one_process_model(tmp_path):
     # threshold 0 partitions every one, as a real model's large matrices are.
     user_json = tmp_path / "ds.json"
     user_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
-    extra = ("trainer.grad_accum=1", "zero=stage3", f"trainer.deepspeed_config={user_json}")
+    extra = ("trainer.grad_accum=1", "trainer.zero_stage=3", f"trainer.deepspeed_config={user_json}")
     proc = run([*TORCHRUN, *command(run_dir, *extra)[1:]], timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     saved = load_file(run_dir / "model" / "model.safetensors")

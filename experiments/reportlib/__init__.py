@@ -1,3 +1,3 @@
-"""Reports built from run directories' metrics.json files alone (design.md section 6):
+"""Reports built from run directories' metrics.json files alone (read back as ``mixsga_train.metrics.RunMetrics``):
 ``collect`` reads them into flat rows, ``tables`` aggregates seeds and writes Markdown/CSV,
 ``plots`` draws the PNGs (matplotlib, Agg)."""

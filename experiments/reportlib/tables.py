@@ -43,7 +43,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["model"], r["task"], r["config"]), []).append(r)
     out = []
-    for (model, task, config), rs in groups.items():
+    for (_model, _task, config), rs in groups.items():
         first = rs[0]
         agg = {k: first[k] for k in ("model", "task", "method", "series", "config", "expert_kv_heads", "ratio",
                                      "router", "router_grad", "alpha")}

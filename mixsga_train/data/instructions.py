@@ -135,7 +135,8 @@ def _load_hub_records(path: str, name: str | None, data_files: str | None = None
     except OSError as err:  # offline, unknown name, no access: ConnectionError, DatasetNotFoundError
         raise DataError(
             f"Hub dataset {where}: cannot load it ({type(err).__name__}); "
-            "offline or a wrong name? use a local file: task.jsonl=/path/to/data.jsonl (eval_sets take .jsonl paths too)"
+            "offline or a wrong name? use a local file: task.jsonl=/path/to/data.jsonl "
+            "(eval_sets take .jsonl paths too)"
         ) from None
     return [rec for i, row in enumerate(rows) for rec in records_from_json(row, f"{where}[{i}]")]
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.registry import max_positions
+from ..metrics import EvalMetrics, ExpertFractions
+from ..models.loading import max_positions
 from .generation import generate_and_score
 from .kv import KVAccount, measure_generation_kv, native_kv_bytes_per_token
 from .perplexity import CAUSAL_MODE, evaluate_perplexity, evaluate_response_perplexity
@@ -19,7 +20,7 @@ DECODE_PROMPTS = 8  # LM eval blocks (at most) used as those prompts
 
 
 def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int,
-                labels: torch.Tensor | None = None) -> dict:
+                labels: torch.Tensor | None = None) -> EvalMetrics:
     """Token and word perplexity of ``blocks`` [N, L] with causal routing and with top-k routing
     (one pass for models without routers); KV bytes per real token of a greedy ``generate()`` of
     ``DECODE_TOKENS`` tokens after the first ``DECODE_PROMPTS`` blocks (cut so they fit the positions).
@@ -35,53 +36,56 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: 
     prompt_len = max(1, min(blocks.shape[1], max_positions(model.config) - DECODE_TOKENS))
     prompts = blocks[: min(DECODE_PROMPTS, batch_size), :prompt_len]
     kv = measure_generation_kv(model, prompts, max_new_tokens=DECODE_TOKENS)
-    return {
-        "ppl_causal_routing": causal.ppl,
-        "ppl": topk.ppl,
-        "word_ppl_causal_routing": causal.word_ppl,
-        "word_ppl": topk.word_ppl,
-        "eval_tokens": topk.tokens,
-        **_kv_block(model, kv),
-        "expert_fractions": {
-            "prefill": topk.expert_fractions,
-            "decode": kv.decode_expert_fractions if num_experts(model) else None,
-            "causal": causal.expert_fractions if num_experts(model) else None,
-        },
-        "routing_agreement": topk.agreement,
-        "rouge_l": {},
-    }
+    routed = num_experts(model)
+    return EvalMetrics(
+        ppl_causal_routing=causal.ppl,
+        ppl=topk.ppl,
+        word_ppl_causal_routing=causal.word_ppl,
+        word_ppl=topk.word_ppl,
+        eval_tokens=topk.tokens,
+        **_kv_fields(model, kv),
+        expert_fractions=ExpertFractions(
+            prefill=topk.expert_fractions,
+            decode=kv.decode_expert_fractions if routed else None,
+            causal=causal.expert_fractions if routed else None,
+        ),
+        routing_agreement=topk.agreement,
+    )
 
 
-def evaluate_sft(model: nn.Module, tokenizer, test_batches: list[dict], eval_sets: dict, task, batch_size: int, seed: int) -> dict:
+def evaluate_sft(model: nn.Module, tokenizer, test_batches: list[dict], eval_sets: dict, task, batch_size: int,
+                 seed: int) -> EvalMetrics:
     """Response-token perplexity of the test split (both routings) and ROUGE-L of generations
-    for every eval set; KV bytes per real token and realised decode fractions come from those generations."""
+    for every eval set; KV bytes per real token and realised decode fractions come from those generations
+    (null with no eval sets: nothing is generated)."""
     topk = evaluate_response_perplexity(model, test_batches, "topk")
     causal = evaluate_response_perplexity(model, test_batches, CAUSAL_MODE) if num_experts(model) else topk
     rouge, prefill, weights, kv = {}, [], [], KVAccount()
     for label, examples in eval_sets.items():
-        result = generate_and_score(model, tokenizer, examples, task.max_new_tokens, batch_size, task.max_prompt_len, seed=seed)
+        result = generate_and_score(model, tokenizer, examples, task.max_new_tokens, batch_size, task.max_prompt_len,
+                                    seed=seed)
         rouge[label] = result.rouge_l
         kv = kv + result.kv
         weights.append(len(examples))
         prefill.append(result.expert_fractions_prefill)
-    return {
-        "ppl_causal_routing": causal.ppl,
-        "ppl": topk.ppl,
-        "word_ppl": None,
-        "eval_tokens": topk.tokens,
-        **_kv_block(model, kv),
-        "expert_fractions": {
-            "prefill": _weighted_lists(prefill, weights),
-            "decode": kv.decode_expert_fractions if num_experts(model) else None,
-            "causal": causal.expert_fractions if num_experts(model) else None,
-        },
-        "routing_agreement": topk.agreement,
-        "rouge_l": rouge,
-    }
+    routed = num_experts(model)
+    return EvalMetrics(
+        ppl_causal_routing=causal.ppl,
+        ppl=topk.ppl,
+        eval_tokens=topk.tokens,
+        **_kv_fields(model, kv),
+        expert_fractions=ExpertFractions(
+            prefill=_weighted_lists(prefill, weights),
+            decode=kv.decode_expert_fractions if routed else None,
+            causal=causal.expert_fractions if routed else None,
+        ),
+        routing_agreement=topk.agreement,
+        rouge_l=rouge,
+    )
 
 
-def _kv_block(model: nn.Module, kv: KVAccount) -> dict:
-    """The KV keys of the eval block: bytes per real token at prefill (``kv_bytes_per_token``) and
+def _kv_fields(model: nn.Module, kv: KVAccount) -> dict:
+    """The KV fields of an evaluation: bytes per real token at prefill (``kv_bytes_per_token``) and
     at decode, the realised decode KV share (decode bytes / native bytes, expert ids included) and
     how many real decode tokens that was measured on."""
     native = native_kv_bytes_per_token(model.config, next(model.parameters()).dtype)

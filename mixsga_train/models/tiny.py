@@ -1,7 +1,11 @@
 """Tiny randomly initialised models of every supported family, with an offline byte-level
-tokenizer: what tests and smoke runs train in seconds."""
+tokenizer: what tests and smoke runs train in seconds. ``build_tiny_model`` is the one builder:
+the ``tiny`` model source (``tiny_model``) and the test suite both use it."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -21,6 +25,9 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 TINY_SPECIAL_TOKENS = ("<eos>", "<pad>", "<bos>")
 
@@ -55,47 +62,102 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A randomly initialised ``cfg.tiny_family`` model, the same weights for the same config (``tiny_seed``)."""
-    model_cls, config = _tiny_config(cfg, tokenizer)
+def _llama(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
+    return LlamaConfig(**sizes, head_dim=head_dim)
+
+
+def _qwen2(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
+    return Qwen2Config(**sizes)
+
+
+def _mistral(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
+    return MistralConfig(**sizes, head_dim=head_dim, sliding_window=None)
+
+
+def _gemma2(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
+    return Gemma2Config(
+        **sizes,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    )
+
+
+def _opt(sizes: dict, head_dim: int, sliding_window: int) -> PretrainedConfig:
+    if sizes["num_key_value_heads"] != sizes["num_attention_heads"]:
+        raise ValueError("OPT is multi-head only: give as many KV heads as query heads")
+    plain = {k: v for k, v in sizes.items() if k not in ("num_key_value_heads", "intermediate_size")}
+    return OPTConfig(
+        **plain, ffn_dim=sizes["intermediate_size"], word_embed_proj_dim=sizes["hidden_size"], enable_bias=True
+    )
+
+
+# family (``config.model_type``) -> (its config from the shared sizes, its causal-LM class)
+TINY_FAMILIES: dict[str, tuple[Callable[[dict, int, int], PretrainedConfig], type[PreTrainedModel]]] = {
+    "llama": (_llama, LlamaForCausalLM),
+    "qwen2": (_qwen2, Qwen2ForCausalLM),
+    "mistral": (_mistral, MistralForCausalLM),
+    "gemma2": (_gemma2, Gemma2ForCausalLM),
+    "opt": (_opt, OPTForCausalLM),
+}
+
+
+def build_tiny_model(
+    family: str,
+    *,
+    vocab_size: int,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    max_positions: int,
+    sliding_window: int = 8,
+    seed: int = 0,
+    token_ids: dict[str, int] | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised ``family`` model, the same weights for the same arguments (``seed``;
+    the global generator is left untouched). ``sliding_window``: Gemma 2's local window on
+    alternate layers. ``token_ids``: ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id``.
+    Gemma 2 runs eager attention (its softcapping is eager-only in transformers), the others sdpa."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny {family!r} model; families: {', '.join(TINY_FAMILIES)}")
+    make_config, model_cls = TINY_FAMILIES[family]
+    sizes = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        **(token_ids or {}),
+    )
+    config = make_config(sizes, hidden // heads, sliding_window)
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.tiny_seed)
+        torch.manual_seed(seed)
         return model_cls(config)
 
 
-def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[type[PreTrainedModel], PretrainedConfig]:
-    common = dict(
-        vocab_size=-(-len(tokenizer) // 64) * 64,
-        hidden_size=cfg.tiny_hidden,
-        num_hidden_layers=cfg.tiny_layers,
-        num_attention_heads=cfg.tiny_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+def tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The ``tiny`` source: a ``cfg.tiny_family`` model sized by ``cfg.tiny_*`` for ``tokenizer``
+    (vocabulary rounded up to a multiple of 64), with exactly ``cfg.max_seq_len`` positions."""
+    token_ids = dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
-    llama_like = dict(common, num_key_value_heads=cfg.tiny_kv_heads, intermediate_size=cfg.tiny_intermediate)
-    per_head = cfg.tiny_hidden // cfg.tiny_heads
-    family = cfg.tiny_family
-    if family == "llama":
-        model_cls, config = LlamaForCausalLM, LlamaConfig(**llama_like)
-    elif family == "qwen2":
-        model_cls, config = Qwen2ForCausalLM, Qwen2Config(**llama_like)
-    elif family == "mistral":
-        model_cls, config = MistralForCausalLM, MistralConfig(**llama_like, sliding_window=None)
-    elif family == "gemma2":
-        config = Gemma2Config(
-            **llama_like,
-            head_dim=per_head,
-            query_pre_attn_scalar=per_head,
-            sliding_window=cfg.tiny_sliding_window,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-        )
-        model_cls = Gemma2ForCausalLM
-    else:
-        config = OPTConfig(**common, ffn_dim=cfg.tiny_intermediate, word_embed_proj_dim=cfg.tiny_hidden, enable_bias=True)
-        model_cls = OPTForCausalLM
-    # Gemma 2's softcapping is eager-only in transformers; the others use sdpa like real checkpoints.
-    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
-    return model_cls, config
+    return build_tiny_model(
+        cfg.tiny_family,
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        layers=cfg.tiny_layers,
+        hidden=cfg.tiny_hidden,
+        heads=cfg.tiny_heads,
+        kv_heads=cfg.tiny_kv_heads,
+        intermediate=cfg.tiny_intermediate,
+        max_positions=cfg.max_seq_len,
+        sliding_window=cfg.tiny_sliding_window,
+        seed=cfg.tiny_seed,
+        token_ids=token_ids,
+    )

@@ -133,7 +133,7 @@ def barrier() -> None:
 def full_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Every rank enters together; inside, a ZeRO-3 model's partitioned parameters are gathered in
     full on every rank (e.g. for rank 0's ``save_pretrained``). A no-op for ZeRO 0-2."""
-    import deepspeed  # lazy, as in init_distributed
+    import deepspeed  # not at the top: it takes seconds to import
 
     params = list(model.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ..config import TrainerConfig
+from .config import TrainerConfig
 from ..errors import ConfigError
 
 AUTO = "auto"

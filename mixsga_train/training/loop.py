@@ -28,8 +28,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..attention import RoutingStats, converted
-from ..config import TrainerConfig
+from .config import TrainerConfig
 from ..errors import EXIT_DIVERGED, EXIT_INTERRUPTED, DataError
+from ..metrics import TrainRouting
 from ..tracking import Tracker
 from . import checkpoints
 from .distributed import Dist, all_gather_object, all_sum, barrier
@@ -77,16 +78,16 @@ class TrainResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
-    def routing(self) -> dict | None:
+    def routing(self) -> TrainRouting | None:
         """Training routing statistics over all ranks and steps (None without routers)."""
         if self.expert_tokens is None:
             return None
         total = sum(self.expert_tokens)
-        return {
-            "expert_fractions": [n / total if total else 0.0 for n in self.expert_tokens],
-            "routing_agreement": self.routing_agree / self.routing_compared if self.routing_compared else None,
-            "router_weight_change": self.router_weight_change,
-        }
+        return TrainRouting(
+            expert_fractions=[n / total if total else 0.0 for n in self.expert_tokens],
+            routing_agreement=self.routing_agree / self.routing_compared if self.routing_compared else None,
+            router_weight_change=self.router_weight_change,
+        )
 
 
 def total_steps(cfg: TrainerConfig, dataset_size: int, world_size: int) -> int:
@@ -299,8 +300,8 @@ def _log_step(result: TrainResult, engine, bar, tracker: Tracker) -> None:
     metrics = {"train/loss": result.final_loss, "train/lm_loss": result.final_lm_loss, "train/lr": lr,
                "train/tokens_per_s": result.tokens_per_s}
     routing = result.routing()
-    if routing is not None and routing["routing_agreement"] is not None:
-        metrics["train/routing_agreement"] = routing["routing_agreement"]
+    if routing is not None and routing.routing_agreement is not None:
+        metrics["train/routing_agreement"] = routing.routing_agreement
     tracker.log(metrics, step=result.steps)
 
 
