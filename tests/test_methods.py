@@ -123,7 +123,7 @@ LEGACY = {
                 "expert_kv_heads": [4, 2], "ratio": [0.5, 0.5], "alpha": 0.5, "router_grad": "straight_through",
                 "decode_policy": "budget", "router": "learned", "cla_groups": None, "cla_init": "first",
                 "decode_kernel": "torch"},
-               dict(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2], alpha=0.5)),
+               dict(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2], alpha=0.5, router_grad="straight_through")),
 }
 
 
