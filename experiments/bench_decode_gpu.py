@@ -66,8 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cudagraph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--mode", choices=["all", "op", "e2e"], default="all",
-                   help="op: one layer's attention step; e2e: generate() on a Llama-3.2-1B-shaped model; all: both")
+    p.add_argument(
+        "--mode",
+        choices=["all", "op", "e2e"],
+        default="all",
+        help="op: one layer's attention step; e2e: generate() on a Llama-3.2-1B-shaped model; all: both",
+    )
     p.add_argument("--e2e-batches", type=int, nargs="+", default=None, help="default: --batches")
     p.add_argument("--e2e-contexts", type=int, nargs="+", default=None, help="default: --contexts")
     p.add_argument("--e2e-methods", nargs="+", choices=E2E_METHODS, default=E2E_METHODS)
@@ -149,8 +153,17 @@ def build_case(args, B: int, T: int, device, dtype, torch):
     mha_k = torch.randn(B, Hkv, T, d, device=device).to(dtype)
     mha_v = torch.randn_like(mha_k)
     return dict(
-        q=q, ids=ids, seg_k=seg_k, seg_v=seg_v, expand=expand, positions=positions, counts=counts,
-        budget=budget, h_gqa=h_gqa, gqa=(gqa_k, gqa_v), mha=(mha_k, mha_v),
+        q=q,
+        ids=ids,
+        seg_k=seg_k,
+        seg_v=seg_v,
+        expand=expand,
+        positions=positions,
+        counts=counts,
+        budget=budget,
+        h_gqa=h_gqa,
+        gqa=(gqa_k, gqa_v),
+        mha=(mha_k, mha_v),
     )
 
 
@@ -170,7 +183,7 @@ def segment_layer(case, args, torch):
     dtype, device = case["q"].dtype, case["q"].device
     for start in range(0, T, 1024):  # chunks keep the transient native-size K/V small
         n = min(1024, T - start)
-        router.last_ids = ids[:, start:start + n]
+        router.last_ids = ids[:, start : start + n]
         k = torch.randn(B, args.kv_heads, n, args.head_dim, device=device, dtype=dtype)
         layer.update(k, torch.randn_like(k))
     return layer
@@ -290,8 +303,10 @@ def run_op_bench(args, torch, F) -> None:
         return res
 
     rows, checks = [], []
-    print(f"device: {device_name}; dtype {args.dtype}; H_q={args.q_heads} H_kv={args.kv_heads} d={args.head_dim}; "
-          f"experts {args.expert_kv_heads} ratio {args.ratio}; layers {args.layers}")
+    print(
+        f"device: {device_name}; dtype {args.dtype}; H_q={args.q_heads} H_kv={args.kv_heads} d={args.head_dim}; "
+        f"experts {args.expert_kv_heads} ratio {args.ratio}; layers {args.layers}"
+    )
     for B in args.batches:
         for T in args.contexts:
             case = build_case(args, B, T, device, dtype, torch)
@@ -315,8 +330,17 @@ def run_op_bench(args, torch, F) -> None:
             if err > (2e-2 if dtype != torch.float32 else 1e-4):
                 print(f"WARNING: B={B} T={T}: kernel and torch path differ by {err:.3g}", file=sys.stderr)
             # the segment read vs the kernel on the layer's own buffers
-            seg_err = (segment_read(layer, q, segment_attention).float() - mixed_decode_attention(
-                q, lk, lv, layer.kernel_expert_ids(), layer.expand_table, row_index=lrows).float()).abs().max().item()
+            seg_err = (
+                (
+                    segment_read(layer, q, segment_attention).float()
+                    - mixed_decode_attention(
+                        q, lk, lv, layer.kernel_expert_ids(), layer.expand_table, row_index=lrows
+                    ).float()
+                )
+                .abs()
+                .max()
+                .item()
+            )
             checks[-1]["max_abs_err_kernel_vs_segments"] = seg_err
             if seg_err > (2e-2 if dtype != torch.float32 else 1e-4):
                 print(f"WARNING: B={B} T={T}: kernel and segment read differ by {seg_err:.3g}", file=sys.stderr)
@@ -325,10 +349,16 @@ def run_op_bench(args, torch, F) -> None:
                 t = time_ms(fns[name])
                 by = bytes_for(name, case, B, T, args, elsize)
                 row = dict(
-                    method=name, batch=B, context=T, ms=t["ms"], ms_graph=t["ms_graph"],
+                    method=name,
+                    batch=B,
+                    context=T,
+                    ms=t["ms"],
+                    ms_graph=t["ms_graph"],
                     tokens_per_s=1e3 / (args.layers * t["ms"]),
                     tokens_per_s_graph=(1e3 / (args.layers * t["ms_graph"])) if t["ms_graph"] else None,
-                    kv_cache_bytes=by["kv_cache"], bytes_read=by["read"], bytes_written=by["written"],
+                    kv_cache_bytes=by["kv_cache"],
+                    bytes_read=by["read"],
+                    bytes_written=by["written"],
                     read_gb_per_s=by["read"] / (t["ms"] * 1e-3) / 1e9,
                 )
                 if "graph_error" in t:
@@ -378,7 +408,8 @@ def run_op_bench(args, torch, F) -> None:
         ratio=args.ratio,
         budget=build_budget(args),
         gqa_kv_heads=max(1, round(build_budget(args) * args.kv_heads)),
-        timing="cpu perf_counter median of 3 (smoke only)" if args.cpu_smoke
+        timing="cpu perf_counter median of 3 (smoke only)"
+        if args.cpu_smoke
         else f"triton.testing.do_bench median (warmup {args.warmup} ms, rep {args.rep} ms)"
         + ("" if not use_graph else " + do_bench_cudagraph median"),
         note="one layer's decode-step attention only; tokens/s = 1/(layers * step time)",
@@ -440,12 +471,24 @@ def markdown(meta, rows, ratios, checks) -> str:
             f"{f(e['mixsga_kernel/gqa_sdpa_graph'])} | {f(e['mixsga_kernel/mixsga_torch_graph'])} | "
             f"{f(e['mixsga_kernel/mha_sdpa_graph'])} |"
         )
-    out += ["", "Segment read (default torch path) / GQA SDPA step time: " + ", ".join(
-        f"B{e['batch']}/T{e['context']}: {f(e['mixsga_segments/gqa_sdpa'])}" for e in ratios), ""]
-    out += ["", "Max |kernel - segment read| per shape: " + ", ".join(
-        f"B{c['batch']}/T{c['context']}: {c['max_abs_err_kernel_vs_segments']:.2g}" for c in checks), ""]
-    out += ["", "Max |kernel - torch path| per shape: " + ", ".join(
-        f"B{c['batch']}/T{c['context']}: {c['max_abs_err_kernel_vs_torch']:.2g}" for c in checks), ""]
+    out += [
+        "",
+        "Segment read (default torch path) / GQA SDPA step time: "
+        + ", ".join(f"B{e['batch']}/T{e['context']}: {f(e['mixsga_segments/gqa_sdpa'])}" for e in ratios),
+        "",
+    ]
+    out += [
+        "",
+        "Max |kernel - segment read| per shape: "
+        + ", ".join(f"B{c['batch']}/T{c['context']}: {c['max_abs_err_kernel_vs_segments']:.2g}" for c in checks),
+        "",
+    ]
+    out += [
+        "",
+        "Max |kernel - torch path| per shape: "
+        + ", ".join(f"B{c['batch']}/T{c['context']}: {c['max_abs_err_kernel_vs_torch']:.2g}" for c in checks),
+        "",
+    ]
     out += [
         "Methods: `mixsga_kernel` = `mixed_decode_attention` incl. the per-call row index; "
         "`mixsga_kernel_core` = row index precomputed; `mixsga_torch` = expand segments to H_kv heads "
@@ -454,6 +497,7 @@ def markdown(meta, rows, ratios, checks) -> str:
         "",
     ]
     return "\n".join(out)
+
 
 # ----------------------------------------------------------------------------------------------
 # End to end: generate() on a Llama-3.2-1B-shaped model
@@ -489,8 +533,9 @@ def e2e_attention_config(method: str, args):
     kind, _, kernel = method.partition("_")
     if kind == "gqa":
         return AttentionConfig(method="gqa", kv_heads=args.gqa_kv_heads, decode_kernel=kernel)
-    return AttentionConfig(method="mixsga", expert_kv_heads=list(args.expert_kv_heads), ratio=args.ratio,
-                           decode_kernel=kernel)
+    return AttentionConfig(
+        method="mixsga", expert_kv_heads=list(args.expert_kv_heads), ratio=args.ratio, decode_kernel=kernel
+    )
 
 
 def build_e2e_model(method: str, args, device, dtype, torch):
@@ -529,18 +574,32 @@ def e2e_generate(model, ids, new_tokens: int, torch) -> dict:
     sync()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
-                             return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     sync()
     t = clock.times
     step = (t[-1] - t[1]) / (len(t) - 2)  # steps 2..N: step 1 may include JIT compilation
     cache = out.cache
     from mixsga_train.attention.cache import dynamic_cache_bytes_per_token
 
-    per_token = cache.kv_bytes_per_token() if hasattr(cache, "kv_bytes_per_token") else dynamic_cache_bytes_per_token(cache)
-    return dict(prefill_s=t[0] - start, step_ms=step * 1e3, tokens_per_s=ids.shape[0] / step,
-                kv_bytes_per_token=per_token, new=out.sequences[:, ids.shape[1]:].cpu())
+    per_token = (
+        cache.kv_bytes_per_token() if hasattr(cache, "kv_bytes_per_token") else dynamic_cache_bytes_per_token(cache)
+    )
+    return dict(
+        prefill_s=t[0] - start,
+        step_ms=step * 1e3,
+        tokens_per_s=ids.shape[0] / step,
+        kv_bytes_per_token=per_token,
+        new=out.sequences[:, ids.shape[1] :].cpu(),
+    )
 
 
 def run_e2e_bench(args, torch) -> None:
@@ -551,10 +610,15 @@ def run_e2e_bench(args, torch) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device_name = "cpu (smoke, TRITON_INTERPRET=1)" if args.cpu_smoke else torch.cuda.get_device_name()
     meta = dict(
-        device=device_name, cpu_smoke=args.cpu_smoke, torch=torch.__version__, triton=__import__("triton").__version__,
-        dtype=args.dtype, model=f"random Llama: hidden {args.q_heads * args.head_dim}, {args.e2e_layers} layers, "
+        device=device_name,
+        cpu_smoke=args.cpu_smoke,
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        dtype=args.dtype,
+        model=f"random Llama: hidden {args.q_heads * args.head_dim}, {args.e2e_layers} layers, "
         f"H_q={args.q_heads}, H_kv={args.kv_heads}, d={args.head_dim}, MLP {args.intermediate}, vocab {args.vocab}",
-        mixsga=f"{args.ratio} over KV heads {args.expert_kv_heads}", gqa_kv_heads=args.gqa_kv_heads,
+        mixsga=f"{args.ratio} over KV heads {args.expert_kv_heads}",
+        gqa_kv_heads=args.gqa_kv_heads,
         new_tokens=args.new_tokens,
         timing="generate() wall clock; decode step = mean of steps 2..N between CUDA-synced logits-processor "
         "timestamps; tokens/s = batch / step",
@@ -584,9 +648,12 @@ def run_e2e_bench(args, torch) -> None:
                     ref = tokens.get((method.split("_")[0] + "_torch", B, T))
                     if method.endswith("_triton") and ref is not None:
                         row["tokens_equal_torch_path"] = (tokens[(method, B, T)] == ref).float().mean().item()
-                    print(f"B={B:3d} T={T:5d} {method:14s} prefill {row['prefill_s']:7.3f} s  step "
-                          f"{row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
-                          f"KV {row['kv_bytes_per_token']:.0f} B/token", flush=True)
+                    print(
+                        f"B={B:3d} T={T:5d} {method:14s} prefill {row['prefill_s']:7.3f} s  step "
+                        f"{row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
+                        f"KV {row['kv_bytes_per_token']:.0f} B/token",
+                        flush=True,
+                    )
                 except torch.OutOfMemoryError as exc:
                     row["error"] = f"OOM: {str(exc)[:120]}"
                     print(f"B={B:3d} T={T:5d} {method:14s} OOM", flush=True)
@@ -634,7 +701,9 @@ def write_e2e(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> None:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | {r['error']} |||||")
+            lines.append(
+                f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | {r['error']} |||||"
+            )
             continue
         lines.append(
             f"| {r['batch']} | {r['context']} | {r['method']} | {r['attn_implementation']} | "
@@ -650,7 +719,9 @@ def write_e2e(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> None:
         "|---:|---:|" + "---:|" * (len(E2E_METHODS) - 1),
     ]
     for e in ratios:
-        lines.append(f"| {e['batch']} | {e['context']} | " + " | ".join(f(e[m], ".2f") for m in E2E_METHODS[:-1]) + " |")
+        lines.append(
+            f"| {e['batch']} | {e['context']} | " + " | ".join(f(e[m], ".2f") for m in E2E_METHODS[:-1]) + " |"
+        )
     lines += [
         "",
         "`tokens = torch path`: fraction of generated tokens equal to the same model with "

@@ -23,7 +23,6 @@ On a shared 2-core machine use OMP_NUM_THREADS=1 (two threads per process thrash
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -72,7 +71,12 @@ def plan(args) -> list[tuple[str, list[str]]]:
     methods = METHODS + ([DEGENERATE] if args.with_degenerate else [])
     # first seed of every method in METHODS order, then the extra seeds of the 50% points
     runs = [(f"{name}_s{args.seeds[0]}", over + [f"seed={args.seeds[0]}"]) for name, over, _ in methods]
-    extra_seeds = [(f"{name}_s{seed}", over + [f"seed={seed}"]) for seed in args.seeds[1:] for name, over, extra in methods if extra]
+    extra_seeds = [
+        (f"{name}_s{seed}", over + [f"seed={seed}"])
+        for seed in args.seeds[1:]
+        for name, over, extra in methods
+        if extra
+    ]
     runs[4:4] = extra_seeds  # right after the two budget-matched pairs, so the 50% seed check runs early
     if args.only:
         runs = [r for r in runs if any(o in r[0] for o in args.only)]
@@ -89,11 +93,17 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--precision", default="fp32", help="fp32: this CPU has no AVX-512 BF16/AMX, bf16 is emulated (~20x slower)")
+    p.add_argument(
+        "--precision", default="fp32", help="fp32: this CPU has no AVX-512 BF16/AMX, bf16 is emulated (~20x slower)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--with-degenerate", action="store_true", help="also run mixSGA 0:1 (33%%, = GQA-1 + an unused router)")
+    p.add_argument(
+        "--with-degenerate", action="store_true", help="also run mixSGA 0:1 (33%%, = GQA-1 + an unused router)"
+    )
     p.add_argument("--only", nargs="*", help="run only runs whose name contains one of these")
-    p.add_argument("--mix", nargs="*", default=[], help="extra overrides for every mixSGA run, e.g. attention.router_grad=...")
+    p.add_argument(
+        "--mix", nargs="*", default=[], help="extra overrides for every mixSGA run, e.g. attention.router_grad=..."
+    )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args()
@@ -114,8 +124,19 @@ def main() -> None:
     results = ROOT / args.results
     results.mkdir(parents=True, exist_ok=True)
     (results / "commands.txt").write_text("\n".join(commands) + "\n")
-    subprocess.check_call([sys.executable, "experiments/report.py", str(out), "--out", str(results),
-                           "--title", "bench-quality: SmolLM2-135M on Wikitext-2"], cwd=ROOT, env=env)
+    subprocess.check_call(
+        [
+            sys.executable,
+            "experiments/report.py",
+            str(out),
+            "--out",
+            str(results),
+            "--title",
+            "bench-quality: SmolLM2-135M on Wikitext-2",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,13 @@ def extra_methods(router_sweep: bool, ratio_grid: bool) -> list[tuple[str, list[
     if router_sweep:
         for grad in ROUTER_GRADS:
             for mult in ROUTER_LR_MULTS:
-                out.append((f"mixsga_50_3-1-6_{grad}_lr{mult}", MIX + [f"attention.router_grad={grad}",
-                                                                      f"trainer.router_lr_mult={mult}"], False))
+                out.append(
+                    (
+                        f"mixsga_50_3-1-6_{grad}_lr{mult}",
+                        MIX + [f"attention.router_grad={grad}", f"trainer.router_lr_mult={mult}"],
+                        False,
+                    )
+                )
     if ratio_grid:
         for shares in feasible_ratios([8, 4, 2], 8, 0.5, 0.05, mixtures_only=False):
             ratio = simplest_integer_ratio(shares)
@@ -97,15 +102,40 @@ def main() -> None:
     out = ROOT / args.out
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     py = [sys.executable, "-m", "mixsga_train.train"]
-    base = ["task=shakespeare", f"task.seq_len={args.seq_len}", f"task.max_eval_tokens={args.eval_tokens}",
-            "trainer.precision=fp32", "trainer.zero_stage=0", "logger=none", "experiment_name=bench_replica",
-            f"trainer.micro_batch_size={args.batch}", "trainer.eval_batch_size=32", "trainer.log_every=25"]
+    base = [
+        "task=shakespeare",
+        f"task.seq_len={args.seq_len}",
+        f"task.max_eval_tokens={args.eval_tokens}",
+        "trainer.precision=fp32",
+        "trainer.zero_stage=0",
+        "logger=none",
+        "experiment_name=bench_replica",
+        f"trainer.micro_batch_size={args.batch}",
+        "trainer.eval_batch_size=32",
+        "trainer.log_every=25",
+    ]
     pre_dir = (ROOT / args.pretrained if args.pretrained else out) / "pretrain_mha"
-    pretrain = py + base + ["model=tiny_llama_mha8", "attention=mha", f"trainer.max_steps={args.pretrain_steps}",
-                            f"trainer.lr={args.pretrain_lr}", "trainer.warmup_ratio=0.05", "trainer.min_lr_ratio=0.1",
-                            "trainer.eval_before=false", "seed=0", f"hydra.run.dir={pre_dir}"]
-    local = ["model=tiny_llama_mha8", "model.source=local", f"model.path={pre_dir / 'model'}",
-             "model.name=tiny-llama-mha8-pretrained"]
+    pretrain = (
+        py
+        + base
+        + [
+            "model=tiny_llama_mha8",
+            "attention=mha",
+            f"trainer.max_steps={args.pretrain_steps}",
+            f"trainer.lr={args.pretrain_lr}",
+            "trainer.warmup_ratio=0.05",
+            "trainer.min_lr_ratio=0.1",
+            "trainer.eval_before=false",
+            "seed=0",
+            f"hydra.run.dir={pre_dir}",
+        ]
+    )
+    local = [
+        "model=tiny_llama_mha8",
+        "model.source=local",
+        f"model.path={pre_dir / 'model'}",
+        "model.name=tiny-llama-mha8-pretrained",
+    ]
     runs = []
     methods = METHODS + extra_methods(args.router_sweep, args.ratio_grid)
     for i, seed in enumerate(args.seeds):
@@ -115,9 +145,22 @@ def main() -> None:
                 continue
             if i == 0 or every_seed or args.all_seeds:
                 over = over + args.mix if "attention=mixsga" in over else over
-                runs.append((tag, py + base + local + over + [f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}",
-                                                              "trainer.warmup_ratio=0.05", f"seed={seed}",
-                                                              f"hydra.run.dir={out / 'continued' / tag}"]))
+                runs.append(
+                    (
+                        tag,
+                        py
+                        + base
+                        + local
+                        + over
+                        + [
+                            f"trainer.max_steps={args.steps}",
+                            f"trainer.lr={args.lr}",
+                            "trainer.warmup_ratio=0.05",
+                            f"seed={seed}",
+                            f"hydra.run.dir={out / 'continued' / tag}",
+                        ],
+                    )
+                )
     commands = [" ".join(pretrain)] + [" ".join(c) for _, c in runs]
     if args.dry_run:
         print("\n".join(commands))
@@ -130,9 +173,19 @@ def main() -> None:
     results = ROOT / args.results
     results.mkdir(parents=True, exist_ok=True)
     (results / "commands.txt").write_text("\n".join(commands) + "\n")
-    subprocess.check_call([sys.executable, "experiments/report.py", str(out / "continued"), "--out", str(results),
-                           "--title", "bench-replica: 8-KV-head MHA Llama (pretrained here), mixSGA 3:1:6 [8,4,2]"],
-                          cwd=ROOT, env=env)
+    subprocess.check_call(
+        [
+            sys.executable,
+            "experiments/report.py",
+            str(out / "continued"),
+            "--out",
+            str(results),
+            "--title",
+            "bench-replica: 8-KV-head MHA Llama (pretrained here), mixSGA 3:1:6 [8,4,2]",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
 
 
 if __name__ == "__main__":

@@ -46,15 +46,25 @@ from mixsga_train.models.loading import load_model  # noqa: E402
 
 MODELS = {
     "tiny": dict(
-        model=ModelConfig(name="tiny-llama-mha8", source="tiny", tiny_layers=4, tiny_hidden=256, tiny_heads=8,
-                          tiny_kv_heads=8, tiny_intermediate=688, max_seq_len=4096),
+        model=ModelConfig(
+            name="tiny-llama-mha8",
+            source="tiny",
+            tiny_layers=4,
+            tiny_hidden=256,
+            tiny_heads=8,
+            tiny_kv_heads=8,
+            tiny_intermediate=688,
+            max_seq_len=4096,
+        ),
         methods={
             "mha": AttentionConfig("mha"),
             "gqa 4kv (50%)": AttentionConfig("gqa", kv_heads=4),
             "cla (50%)": AttentionConfig("cla", budget=0.5),
             "mixsga [8,4,2] 3:1:6 (50%)": AttentionConfig("mixsga", expert_kv_heads=[8, 4, 2], ratio=[3, 1, 6]),
         },
-        gqa="gqa 4kv (50%)", mixsga="mixsga [8,4,2] 3:1:6 (50%)", train_target=1.05,
+        gqa="gqa 4kv (50%)",
+        mixsga="mixsga [8,4,2] 3:1:6 (50%)",
+        train_target=1.05,
     ),
     "smollm2": dict(
         model=ModelConfig(name="smollm2-135m", source="gguf_smollm2", max_seq_len=4096),
@@ -64,7 +74,9 @@ MODELS = {
             "mixsga [3,1] 1:1 (67%)": AttentionConfig("mixsga", expert_kv_heads=[3, 1], ratio=[1, 1]),
             "cla (50%)": AttentionConfig("cla", budget=0.5),
         },
-        gqa="gqa 2kv (67%)", mixsga="mixsga [3,1] 1:1 (67%)", train_target=1.02,
+        gqa="gqa 2kv (67%)",
+        mixsga="mixsga [3,1] 1:1 (67%)",
+        train_target=1.02,
     ),
 }
 
@@ -116,14 +128,25 @@ def decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     stamps = Stamps()
     with evaluating(model, "auto"):
         start = time.perf_counter()
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad if pad is not None else 0,
-                             stopping_criteria=StoppingCriteriaList([stamps]), return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad if pad is not None else 0,
+            stopping_criteria=StoppingCriteriaList([stamps]),
+            return_dict_in_generate=True,
+        )
     generated = out.sequences.shape[1] - prompt.shape[1]
     assert generated == new_tokens == len(stamps.times), f"generated {generated} tokens, wanted {new_tokens}"
     used, reserved = cache_bytes(out.past_key_values)
-    return {"tok_s": prompt.shape[0] * (new_tokens - 1) / (stamps.times[-1] - stamps.times[0]),
-            "prefill_s": stamps.times[0] - start, "cache_bytes": used, "cache_reserved_bytes": reserved}
+    return {
+        "tok_s": prompt.shape[0] * (new_tokens - 1) / (stamps.times[-1] - stamps.times[0]),
+        "prefill_s": stamps.times[0] - start,
+        "cache_bytes": used,
+        "cache_reserved_bytes": reserved,
+    }
 
 
 class TransientBytes(TorchDispatchMode):
@@ -175,8 +198,11 @@ def transient_read_bytes(model, prompt: torch.Tensor, steps: int = 3) -> int:
         for child in attn.modules():
             if isinstance(child, nn.Linear) or type(child).__name__ == "SharedKVBorrower":
                 was = {}
-                hooks.append(child.register_forward_pre_hook(lambda m, a, was=was: was.__setitem__(0, counter.active)
-                                                             or setattr(counter, "active", False)))
+                hooks.append(
+                    child.register_forward_pre_hook(
+                        lambda m, a, was=was: was.__setitem__(0, counter.active) or setattr(counter, "active", False)
+                    )
+                )
                 hooks.append(child.register_forward_hook(lambda m, a, o, was=was: setattr(counter, "active", was[0])))
     try:
         with counter:
@@ -213,23 +239,34 @@ def bench_model(key: str, args) -> dict:
             for p, b in cases:
                 d = decode(model, prompts[(p, b)], args.new_tokens)
                 raw[name][f"p{p}_b{b}"].append(d["tok_s"])
-                memory[name][f"p{p}_b{b}"].update(cache_bytes=d["cache_bytes"],
-                                                  cache_reserved_bytes=d["cache_reserved_bytes"])
+                memory[name][f"p{p}_b{b}"].update(
+                    cache_bytes=d["cache_bytes"], cache_reserved_bytes=d["cache_reserved_bytes"]
+                )
                 line.append(f"p{p} b{b} {d['tok_s']:.1f} tok/s")
             print(f"  round {r} {name}: " + ", ".join(line), flush=True)
     rows = {}
     for name, (model, resolved) in models.items():
         native = native_kv_bytes_per_token(model.config, torch.float32)
-        row = {"kv_budget": resolved.kv_budget, "train_s_median": statistics.median(raw[name]["train_s"]),
-               "kv_bytes_per_token_native": native, "kv_bytes_budget": resolved.kv_budget * native,
-               f"kv_bytes_measured_len{args.kv_len}": measure_kv_bytes_per_token(model, kv_ids), "raw": raw[name]}
+        row = {
+            "kv_budget": resolved.kv_budget,
+            "train_s_median": statistics.median(raw[name]["train_s"]),
+            "kv_bytes_per_token_native": native,
+            "kv_bytes_budget": resolved.kv_budget * native,
+            f"kv_bytes_measured_len{args.kv_len}": measure_kv_bytes_per_token(model, kv_ids),
+            "raw": raw[name],
+        }
         for p, b in cases:
             mem = memory[name][f"p{p}_b{b}"]
             mem["peak_bytes"] = mem["cache_reserved_bytes"] + mem["transient_bytes"]
             row[f"p{p}_b{b}"] = {"tok_s_median": statistics.median(raw[name][f"p{p}_b{b}"]), **mem}
         rows[name] = row
-    return {"model": spec["model"].name, "layers": next(iter(models.values()))[0].config.num_hidden_layers,
-            "cases": cases, "methods": rows, "checks": checks(spec, rows, cases, key)}
+    return {
+        "model": spec["model"].name,
+        "layers": next(iter(models.values()))[0].config.num_hidden_layers,
+        "cases": cases,
+        "methods": rows,
+        "checks": checks(spec, rows, cases, key),
+    }
 
 
 def checks(spec, rows, cases, key) -> list[dict]:
@@ -238,57 +275,94 @@ def checks(spec, rows, cases, key) -> list[dict]:
     out = []
 
     def add(measure, value, target, at_least):
-        out.append({"measure": measure, "value": value, "target": f"{'>=' if at_least else '<='} {target:.2f}",
-                    "met": value >= target if at_least else value <= target})
+        out.append(
+            {
+                "measure": measure,
+                "value": value,
+                "target": f"{'>=' if at_least else '<='} {target:.2f}",
+                "met": value >= target if at_least else value <= target,
+            }
+        )
 
     for p, b in cases:
         c = f"p{p}_b{b}"
-        add(f"{key}: decode tok/s {spec['mixsga']} / {spec['gqa']}, prompt {p}, batch {b}",
-            mix[c]["tok_s_median"] / gqa[c]["tok_s_median"], 1.0, True)
+        add(
+            f"{key}: decode tok/s {spec['mixsga']} / {spec['gqa']}, prompt {p}, batch {b}",
+            mix[c]["tok_s_median"] / gqa[c]["tok_s_median"],
+            1.0,
+            True,
+        )
     for p, b in cases:
         c = f"p{p}_b{b}"
-        add(f"{key}: decode tok/s {spec['gqa']} / unconverted, prompt {p}, batch {b}",
-            gqa[c]["tok_s_median"] / mha[c]["tok_s_median"], 1.0, True)
-    add(f"{key}: training step {spec['mixsga']} / {spec['gqa']}", mix["train_s_median"] / gqa["train_s_median"],
-        spec["train_target"], False)
+        add(
+            f"{key}: decode tok/s {spec['gqa']} / unconverted, prompt {p}, batch {b}",
+            gqa[c]["tok_s_median"] / mha[c]["tok_s_median"],
+            1.0,
+            True,
+        )
+    add(
+        f"{key}: training step {spec['mixsga']} / {spec['gqa']}",
+        mix["train_s_median"] / gqa["train_s_median"],
+        spec["train_target"],
+        False,
+    )
     for p, b in cases:
         c = f"p{p}_b{b}"
-        add(f"{key}: peak decode memory {spec['mixsga']} / {spec['gqa']}, prompt {p}, batch {b}",
-            mix[c]["peak_bytes"] / gqa[c]["peak_bytes"], 1.02, False)
+        add(
+            f"{key}: peak decode memory {spec['mixsga']} / {spec['gqa']}, prompt {p}, batch {b}",
+            mix[c]["peak_bytes"] / gqa[c]["peak_bytes"],
+            1.02,
+            False,
+        )
     return out
 
 
 def markdown(result: dict, args, command: str) -> str:
-    lines = ["# bench: decode speed and memory, training step, KV bytes\n",
-             f"Command: `{command}`\n",
-             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} thread(s), fp32, shared with other jobs (interleaved rounds: each method sees "
-             f"the same load). {args.rounds} rounds ({args.rounds_smollm2} for SmolLM2) after a warm-up; medians. "
-             f"Training step: forward+backward, batch {args.train_batch}x{args.train_len}. Decode: greedy generate(), "
-             f"{args.new_tokens} new tokens, tokens/s over the decode steps (prefill excluded). Memory: cache bytes "
-             f"allocated at the end of generate (in use + growth slack) + the largest transient allocation of one "
-             f"attention call in a decode step.\n"]
+    lines = [
+        "# bench: decode speed and memory, training step, KV bytes\n",
+        f"Command: `{command}`\n",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), fp32, shared with other jobs (interleaved rounds: each method sees "
+        f"the same load). {args.rounds} rounds ({args.rounds_smollm2} for SmolLM2) after a warm-up; medians. "
+        f"Training step: forward+backward, batch {args.train_batch}x{args.train_len}. Decode: greedy generate(), "
+        f"{args.new_tokens} new tokens, tokens/s over the decode steps (prefill excluded). Memory: cache bytes "
+        f"allocated at the end of generate (in use + growth slack) + the largest transient allocation of one "
+        f"attention call in a decode step.\n",
+    ]
     for res in result["models"].values():
-        lines += [f"## {res['model']} ({res['layers']} layers)\n",
-                  "| method | KV budget | train step s | case | decode tok/s | cache MiB in use | cache MiB reserved "
-                  "| transient KiB / attention call | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {res['model']} ({res['layers']} layers)\n",
+            "| method | KV budget | train step s | case | decode tok/s | cache MiB in use | cache MiB reserved "
+            "| transient KiB / attention call | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, row in res["methods"].items():
             for i, (p, b) in enumerate(res["cases"]):
                 c = row[f"p{p}_b{b}"]
-                head = (f"| {name} | {100 * row['kv_budget']:.1f}% | {row['train_s_median']:.3f} " if i == 0
-                        else "| | | ")
-                lines.append(head + f"| p{p} b{b} | {c['tok_s_median']:.1f} | {c['cache_bytes'] / 2**20:.2f} "
-                             f"| {c['cache_reserved_bytes'] / 2**20:.2f} | {c['transient_bytes'] / 2**10:.1f} "
-                             f"| {c['peak_bytes'] / 2**20:.2f} |")
-        lines += ["", f"KV bytes/token measured at {args.kv_len} tokens: " + ", ".join(
-            f"{name} {row[f'kv_bytes_measured_len{args.kv_len}']:.0f} "
-            f"(budget x native {row['kv_bytes_budget']:.0f})"
-            for name, row in res["methods"].items()), ""]
+                head = (
+                    f"| {name} | {100 * row['kv_budget']:.1f}% | {row['train_s_median']:.3f} " if i == 0 else "| | | "
+                )
+                lines.append(
+                    head + f"| p{p} b{b} | {c['tok_s_median']:.1f} | {c['cache_bytes'] / 2**20:.2f} "
+                    f"| {c['cache_reserved_bytes'] / 2**20:.2f} | {c['transient_bytes'] / 2**10:.1f} "
+                    f"| {c['peak_bytes'] / 2**20:.2f} |"
+                )
+        lines += [
+            "",
+            f"KV bytes/token measured at {args.kv_len} tokens: "
+            + ", ".join(
+                f"{name} {row[f'kv_bytes_measured_len{args.kv_len}']:.0f} "
+                f"(budget x native {row['kv_bytes_budget']:.0f})"
+                for name, row in res["methods"].items()
+            ),
+            "",
+        ]
     lines += ["## Targets (issue 11)\n", "| measure | value | target | met |", "|---|---|---|---|"]
     for res in result["models"].values():
-        lines += [f"| {c['measure']} | {c['value']:.3f} | {c['target']} | {'yes' if c['met'] else '**no**'} |"
-                  for c in res["checks"]]
+        lines += [
+            f"| {c['measure']} | {c['value']:.3f} | {c['target']} | {'yes' if c['met'] else '**no**'} |"
+            for c in res["checks"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -308,8 +382,13 @@ def main() -> None:
     args = p.parse_args()
     command = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python experiments/bench_speed.py " + " ".join(sys.argv[1:])
     torch.set_grad_enabled(True)
-    result = {"command": command, "args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "models": {}}
+    result = {
+        "command": command,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "models": {},
+    }
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     for key in args.models:

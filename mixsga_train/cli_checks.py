@@ -45,10 +45,10 @@ def config_dirs(argv: list[str]) -> list[Path]:
 def _search_path_dir(entry: str) -> Path | None:
     entry = entry.strip().strip("'\"")
     if entry.startswith("file://"):
-        return Path(entry[len("file://"):])
+        return Path(entry[len("file://") :])
     if entry.startswith("pkg://"):
         try:
-            return Path(str(importlib.resources.files(entry[len("pkg://"):].replace("/", "."))))
+            return Path(str(importlib.resources.files(entry[len("pkg://") :].replace("/", "."))))
         except (ModuleNotFoundError, TypeError):
             return None
     return None
@@ -156,9 +156,14 @@ def check_override_syntax(overrides: list[str]) -> None:
             parser.parse_overrides([arg])
         except OverrideParseException as err:
             key = arg.split("=", 1)[0].lstrip("+~") or "command line"
-            raise _with_detail(ConfigError(
-                key, f"cannot parse {arg!r} ({_first_line(err)}); close brackets and quotes, and quote values with "
-                     "spaces or special characters, e.g. 'key=\"a b\"'"), err) from None
+            raise _with_detail(
+                ConfigError(
+                    key,
+                    f"cannot parse {arg!r} ({_first_line(err)}); close brackets and quotes, and quote values with "
+                    "spaces or special characters, e.g. 'key=\"a b\"'",
+                ),
+                err,
+            ) from None
 
 
 def _composition_error(err: Exception, conf_dir: Path) -> ConfigError:
@@ -170,8 +175,11 @@ def _composition_error(err: Exception, conf_dir: Path) -> ConfigError:
     if unknown:
         key = unknown.group(1)
         hint = _did_you_mean(key, _known_keys(conf_dir))
-        return ConfigError(key, f"no such key or config group{hint or '; check the spelling'} "
-                                f"(to add a new key on purpose, write +{key}=...)")
+        return ConfigError(
+            key,
+            f"no such key or config group{hint or '; check the spelling'} "
+            f"(to add a new key on purpose, write +{key}=...)",
+        )
     missing = re.search(r"Could not find '([^']+)'", message)
     if missing:
         group, _, option = missing.group(1).rpartition("/")

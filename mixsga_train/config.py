@@ -48,8 +48,11 @@ class RunConfig:
         self.trainer.validate()
         self.logger.validate()
         if self.model.native_kv_heads is None or self.model.num_layers is None:
-            raise ConfigError("model.native_kv_heads", "unknown and no config.json to read it from (offline?); "
-                              "give model.native_kv_heads and model.num_layers")
+            raise ConfigError(
+                "model.native_kv_heads",
+                "unknown and no config.json to read it from (offline?); "
+                "give model.native_kv_heads and model.num_layers",
+            )
         resolved = self.attention.resolve(self.model.native_kv_heads, self.model.num_layers)
         longest = self.task.seq_len if self.task.kind == "lm" else self.task.max_len
         key = "task.seq_len" if self.task.kind == "lm" else "task.max_len"

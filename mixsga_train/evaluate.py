@@ -39,13 +39,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model directory (default: RUN_DIR/model)")
     parser.add_argument("--name", default=None, help="output file name: RUN_DIR/<name>.json (default eval, harness)")
     harness = parser.add_argument_group("lm-evaluation-harness")
-    harness.add_argument("--harness", default=None, metavar="TASKS",
-                         help="comma-separated lm-eval tasks, e.g. arc_easy,piqa")
+    harness.add_argument(
+        "--harness", default=None, metavar="TASKS", help="comma-separated lm-eval tasks, e.g. arc_easy,piqa"
+    )
     harness.add_argument("--harness-include", type=Path, default=None, metavar="DIR", help="folder of extra task YAMLs")
     harness.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     harness.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    harness.add_argument("--routing", default="auto", choices=["auto", "causal", "argmax"],
-                         help="mixSGA routing (harness.py)")
+    harness.add_argument(
+        "--routing", default="auto", choices=["auto", "causal", "argmax"], help="mixSGA routing (harness.py)"
+    )
     harness.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (> 1 needs --routing argmax)")
     return parser.parse_args(argv)
 
@@ -71,13 +73,16 @@ def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
     from .attention.persistence import saved_attention
 
     if not (checkpoint / "config.json").is_file():
-        raise ConfigError("--checkpoint", f"{checkpoint} has no config.json; give a model directory saved by mixsga-train")
+        raise ConfigError(
+            "--checkpoint", f"{checkpoint} has no config.json; give a model directory saved by mixsga-train"
+        )
     saved = saved_attention(checkpoint)
     unconverted = ("mha", 1.0)  # what an unconverted model and method mha both hold
     if (saved.weights_key() if saved else unconverted) != resolved.weights_key():
         got = saved.describe() if saved else "an unconverted model"
         raise ConfigError(
-            "--checkpoint", f"{checkpoint} holds {got}, but the config asks for {resolved.describe()}; pass the matching run directory"
+            "--checkpoint",
+            f"{checkpoint} holds {got}, but the config asks for {resolved.describe()}; pass the matching run directory",
         )
 
 
@@ -88,8 +93,9 @@ def read_config(config_file: Path, overrides: list[str]):
         return apply_overrides(OmegaConf.load(config_file), overrides)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
         reason = str(err).strip().splitlines()[0]
-        raise ConfigError(str(config_file), f"cannot read it with the overrides {overrides} ({reason}); "
-                                            "fix the file or the override") from None
+        raise ConfigError(
+            str(config_file), f"cannot read it with the overrides {overrides} ({reason}); fix the file or the override"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     try:
         check_output_name(args.run_dir, args.name)  # again: another evaluation may have written it meanwhile
-        write_json_atomic(out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results.to_json()})
+        write_json_atomic(
+            out, {"checkpoint": str(checkpoint), "attention": resolved.describe(), "eval": results.to_json()}
+        )
     except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -150,8 +158,17 @@ def track_reevaluation(run_cfg, resolved, args: argparse.Namespace, checkpoint: 
     ratio = resolved.summary_fields()["ratio"]
     name = f"{run_name(resolved.method, resolved.kv_budget, ratio, run_cfg.seed)}-{args.name}"
     config = {"run_dir": str(args.run_dir), "checkpoint": str(checkpoint), "overrides": args.overrides}
-    tracker = start_tracker(run_cfg.logger, args.run_dir, name, run_cfg.experiment_name, run_tags(resolved), config,
-                            is_main=True, job_type="evaluate", id_label=args.name)
+    tracker = start_tracker(
+        run_cfg.logger,
+        args.run_dir,
+        name,
+        run_cfg.experiment_name,
+        run_tags(resolved),
+        config,
+        is_main=True,
+        job_type="evaluate",
+        id_label=args.name,
+    )
     track_eval(tracker, args.name, results, 0)
     tracker.summary({args.name: results})
     tracker.finish()
@@ -167,15 +184,24 @@ def evaluate_harness(args: argparse.Namespace, checkpoint: Path, resolved) -> No
             raise ConfigError("--harness", "no task given; pass lm-eval task names, e.g. --harness arc_easy,piqa")
         if args.harness_include is not None and not args.harness_include.is_dir():
             raise ConfigError("--harness-include", f"{args.harness_include} is not a directory of task YAMLs")
-        results = run_harness(checkpoint, tasks, args.harness_include, args.limit, args.num_fewshot, args.routing,
-                              args.batch_size)
+        results = run_harness(
+            checkpoint, tasks, args.harness_include, args.limit, args.num_fewshot, args.routing, args.batch_size
+        )
         out = check_output_name(args.run_dir, args.name)  # again: another evaluation may have written it meanwhile
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    payload = {"checkpoint": str(checkpoint), "attention": resolved.describe(), "routing": args.routing,
-               "results": results["results"], "n-shot": results.get("n-shot"), "versions": results.get("versions")}
-    plain = json.loads(json.dumps(payload, default=lambda v: v.item() if hasattr(v, "item") else str(v)))  # numpy -> JSON
+    payload = {
+        "checkpoint": str(checkpoint),
+        "attention": resolved.describe(),
+        "routing": args.routing,
+        "results": results["results"],
+        "n-shot": results.get("n-shot"),
+        "versions": results.get("versions"),
+    }
+    plain = json.loads(
+        json.dumps(payload, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    )  # numpy -> JSON
     write_json_atomic(out, plain)
     for task, values in results["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float) and "stderr" not in k)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
 from .attention import converted, load_converted
 from .attention.persistence import load_tokenizer
 
@@ -48,8 +49,16 @@ class MixSGAHarnessLM(HFLM):
     ``dtype`` (e.g. ``bfloat16``) apply to a folder (default: CUDA when available, the saved dtype).
     Other keyword arguments go to ``HFLM`` (``max_length``, ``add_bos_token``, ...)."""
 
-    def __init__(self, pretrained, routing: str = "auto", batch_size: int | str = 1, tokenizer=None,
-                 device: str | None = None, dtype: str | torch.dtype | None = None, **kwargs):
+    def __init__(
+        self,
+        pretrained,
+        routing: str = "auto",
+        batch_size: int | str = 1,
+        tokenizer=None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        **kwargs,
+    ):
         if routing not in HARNESS_ROUTINGS:
             raise ValueError(f"routing={routing!r}: choose one of {', '.join(HARNESS_ROUTINGS)}")
         if routing == "auto" and int(batch_size) != 1:
@@ -71,9 +80,16 @@ class MixSGAHarnessLM(HFLM):
         super().__init__(pretrained=pretrained.eval(), tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
 
 
-def run_harness(checkpoint: Path, tasks: list[str], include_path: Path | None = None, limit: int | None = None,
-                num_fewshot: int | None = None, routing: str = "auto", batch_size: int = 1,
-                log_samples: bool = False) -> dict:
+def run_harness(
+    checkpoint: Path,
+    tasks: list[str],
+    include_path: Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    routing: str = "auto",
+    batch_size: int = 1,
+    log_samples: bool = False,
+) -> dict:
     """lm-eval's ``simple_evaluate`` of the checkpoint on ``tasks`` (lm-eval task names, or tasks
     defined by YAML files under ``include_path``); returns lm-eval's results dict."""
     from lm_eval import simple_evaluate
@@ -87,5 +103,6 @@ def run_harness(checkpoint: Path, tasks: list[str], include_path: Path | None = 
             "or pass --harness-include DIR with their YAML files"
         )
     lm = MixSGAHarnessLM(str(checkpoint), routing=routing, batch_size=batch_size)
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                           log_samples=log_samples)
+    return simple_evaluate(
+        model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples
+    )

@@ -20,17 +20,33 @@ from .config import RunConfig
 from .data.config import TaskConfig
 from .data.documents import load_documents
 from .data.instructions import EvalExample, SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
-from .data.text import (DocumentBlockDataset, LMBlockDataset, TextSplit, count_words, document_blocks, lm_blocks,
-                        load_text_splits, tokenize_corpus)
+from .data.text import (
+    DocumentBlockDataset,
+    LMBlockDataset,
+    TextSplit,
+    count_words,
+    document_blocks,
+    lm_blocks,
+    load_text_splits,
+    tokenize_corpus,
+)
 from .evaluation.generation import generate_and_score
-from .evaluation.rolling import rolling_windows
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.perplexity import scored_words
+from .evaluation.rolling import rolling_windows
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .metrics import EvalMetrics, RunMetrics, TrainMetrics
 from .models.loading import load_model
-from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error, write_config,
-                      write_json_atomic)
+from .run_dir import (
+    EVAL_BEFORE,
+    METRICS,
+    check_run_dir,
+    read_json,
+    record_provenance,
+    storage_error,
+    write_config,
+    write_json_atomic,
+)
 from .tracking import run_name, start_tracker
 from .training.distributed import Dist, full_parameters, init_distributed, main_process_first
 from .training.loop import total_steps, train
@@ -83,7 +99,9 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> Tas
             train_split = splits["train"]
             blocks = lm_blocks(train_split.text, tokenizer, task.seq_len, task.max_train_tokens, train_split.origin)
             train = LMBlockDataset(blocks)
-        eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
+        eval_blocks = lm_blocks(
+            splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin
+        )
         if task.eval_stride() < task.seq_len:
             stream = tokenize_corpus(splits["test"].text, tokenizer, task.max_eval_tokens)
             windows, labels = rolling_windows(stream, task.seq_len, task.eval_stride())
@@ -118,8 +136,9 @@ def _stack(items: list[dict]) -> dict:
 def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> EvalMetrics:
     if cfg.task.kind == "lm":
         return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size, data.eval_labels)
-    return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size,
-                        cfg.seed)
+    return evaluate_sft(
+        model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size, cfg.seed
+    )
 
 
 def run_tags(resolved: ResolvedAttention) -> list[str]:
@@ -148,8 +167,9 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     model.to(dist.device)
     log.info("%s", resolved.describe())
     name = run_name(resolved.method, resolved.kv_budget, resolved.summary_fields()["ratio"], cfg.seed)
-    tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml,
-                            dist.is_main)
+    tracker = start_tracker(
+        cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main
+    )
     if cfg.trainer.max_steps == 0:
         print("trainer.max_steps=0: evaluation only, nothing is trained or checkpointed", flush=True)
         before, result = None, None
@@ -161,8 +181,18 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < last_step:
                 track_eval(tracker, "eval", evaluate(model, tokenizer, data, cfg), step)
 
-        result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step,
-                       on_step=evaluate_during_training)
+        result = train(
+            model,
+            data.train,
+            data.collate,
+            cfg.trainer,
+            run_dir,
+            dist,
+            tracker,
+            cfg.seed,
+            resume_step,
+            on_step=evaluate_during_training,
+        )
     after = evaluate(model, tokenizer, data, cfg)
     track_eval(tracker, "eval", after, result.steps if result is not None else 0)
     if tracker.active and cfg.logger.samples and (cfg.task.kind == "lm" or data.eval_sets):
@@ -189,8 +219,9 @@ def save_model(model, tokenizer, folder: Path) -> None:
         raise storage_error(folder, err if isinstance(err, OSError) else OSError(str(err))) from None
 
 
-def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None,
-                    dist: Dist, tracker) -> EvalMetrics | None:
+def evaluate_before(
+    model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None, dist: Dist, tracker
+) -> EvalMetrics | None:
     """The evaluation before training (``trainer.eval_before``), kept in ``eval_before.json`` so a
     resumed run reports the same numbers as an uninterrupted one without recomputing them."""
     if not cfg.trainer.eval_before:
@@ -220,16 +251,20 @@ def generation_samples(model, tokenizer, data: TaskData, cfg: RunConfig) -> list
     else:
         half = data.eval_blocks.shape[1] // 2
         max_new = min(max_new, data.eval_blocks.shape[1] - half)
-        examples = [EvalExample(tokenizer.decode(block[:half]), [tokenizer.decode(block[half:half + max_new])])
-                    for block in data.eval_blocks[:n]]
+        examples = [
+            EvalExample(tokenizer.decode(block[:half]), [tokenizer.decode(block[half : half + max_new])])
+            for block in data.eval_blocks[:n]
+        ]
     prompt_len = cfg.task.max_prompt_len if cfg.task.kind == "sft" else data.eval_blocks.shape[1]
-    result = generate_and_score(model, tokenizer, examples, max_new, cfg.trainer.eval_batch_size, prompt_len,
-                                seed=cfg.seed)
+    result = generate_and_score(
+        model, tokenizer, examples, max_new, cfg.trainer.eval_batch_size, prompt_len, seed=cfg.seed
+    )
     return [[ex.prompt, ex.references[0], pred] for ex, pred in zip(examples, result.predictions)]
 
 
-def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before: EvalMetrics | None,
-                     after: EvalMetrics, result) -> RunMetrics:
+def assemble_metrics(
+    cfg: RunConfig, resolved: ResolvedAttention, model, before: EvalMetrics | None, after: EvalMetrics, result
+) -> RunMetrics:
     """The metrics.json contract (``metrics.py``, docs/metrics.md)."""
     dtype = next(model.parameters()).dtype
     train_block = None

@@ -40,9 +40,20 @@ PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "hydra-core", "wan
 # Keys a resumed run may change: they affect logging, checkpoint cadence or evaluation only, never
 # the model, the data order or the optimisation (a key and everything under it).
 RESUMABLE_CHANGES = (
-    "logger", "experiment_name", "trainer.resume", "trainer.eval_batch_size", "trainer.eval_before",
-    "trainer.log_every", "trainer.save_every", "trainer.keep_checkpoints", "task.eval_sets", "task.eval_max_examples",
-    "task.max_new_tokens", "task.max_eval_tokens", "task.stride", "attention.decode_kernel",
+    "logger",
+    "experiment_name",
+    "trainer.resume",
+    "trainer.eval_batch_size",
+    "trainer.eval_before",
+    "trainer.log_every",
+    "trainer.save_every",
+    "trainer.keep_checkpoints",
+    "task.eval_sets",
+    "task.eval_max_examples",
+    "task.max_new_tokens",
+    "task.max_eval_tokens",
+    "task.stride",
+    "attention.decode_kernel",
 )
 
 
@@ -50,7 +61,8 @@ def refuse_finished(run_dir: Path) -> None:
     """Refuse a run directory that holds a finished run (before anything is written into it)."""
     if (run_dir / METRICS).exists():
         raise ConfigError(
-            "hydra.run.dir", f"{run_dir} already holds a finished run ({METRICS}); choose another directory or delete it"
+            "hydra.run.dir",
+            f"{run_dir} already holds a finished run ({METRICS}); choose another directory or delete it",
         )
 
 
@@ -124,17 +136,23 @@ def check_same_config(run_dir: Path, requested: dict) -> None:
     anything outside ``RESUMABLE_CHANGES``."""
     saved_file = run_dir / CONFIG
     if not saved_file.is_file():
-        raise ConfigError("trainer.resume", f"{saved_file} is missing, so the checkpoint's config cannot be checked; "
-                                            "start a new run directory")
+        raise ConfigError(
+            "trainer.resume",
+            f"{saved_file} is missing, so the checkpoint's config cannot be checked; start a new run directory",
+        )
     saved, wanted = _flatten(OmegaConf.to_container(OmegaConf.load(saved_file))), _flatten(requested)
-    changed = [key for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k not in saved or k not in wanted, k))
-               if saved.get(key, "(absent)") != wanted.get(key, "(absent)") and not _resumable(key)]
+    changed = [
+        key
+        for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k not in saved or k not in wanted, k))
+        if saved.get(key, "(absent)") != wanted.get(key, "(absent)") and not _resumable(key)
+    ]
     if changed:
         shown = ", ".join(f"{k}={saved.get(k, '(absent)')} -> {wanted.get(k, '(absent)')}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ConfigError(
-            "trainer.resume", f"{run_dir} was checkpointed with another config: {shown}{more}; resume with the "
-                              "original values, or start a new run directory"
+            "trainer.resume",
+            f"{run_dir} was checkpointed with another config: {shown}{more}; resume with the "
+            "original values, or start a new run directory",
         )
 
 
@@ -188,8 +206,10 @@ def storage_error(path: Path, err: OSError) -> StorageError:
     """One line for a write that failed: the path, the reason and, for a full disk, the free space."""
     if err.errno == errno.ENOSPC:
         free = free_bytes(path)
-        return StorageError(f"{path}: no space left on device ({free / 2**20:.0f} MiB free); free some space"
-                            " and rerun (add trainer.resume=auto to continue from the last complete checkpoint)")
+        return StorageError(
+            f"{path}: no space left on device ({free / 2**20:.0f} MiB free); free some space"
+            " and rerun (add trainer.resume=auto to continue from the last complete checkpoint)"
+        )
     return StorageError(f"{path}: cannot write it ({err.strerror or err}); check the directory's permissions and space")
 
 
@@ -214,7 +234,9 @@ def record_provenance(run_dir: Path, seed: int, resume_step: int | None) -> None
     if record is None:
         record = current
     else:
-        record.setdefault("resumes", []).append({"step": resume_step, "git_commit": current["git_commit"], "versions": current["versions"]})
+        record.setdefault("resumes", []).append(
+            {"step": resume_step, "git_commit": current["git_commit"], "versions": current["versions"]}
+        )
     write_json_atomic(run_dir / PROVENANCE, record)
 
 
@@ -230,8 +252,12 @@ def provenance(seed: int) -> dict:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -15,9 +15,9 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -58,8 +58,14 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_job(cfg: DictConfig, run_dir: Path, task: Callable[[], dict], fail: Callable[[str, int], None],
-            config_exit_code: int, interrupted_exit_code: int) -> float | None:
+def run_job(
+    cfg: DictConfig,
+    run_dir: Path,
+    task: Callable[[], dict],
+    fail: Callable[[str, int], None],
+    config_exit_code: int,
+    interrupted_exit_code: int,
+) -> float | None:
     """Run one job of a multirun: skip it if ``run_dir`` already holds this finished run, else run
     ``task`` (which returns the metrics). A failure (``fail`` raises JobFailed after printing the
     error line; anything else is a crash) is written to ``run_dir/error.json`` and the job returns
@@ -164,9 +170,17 @@ class SweepSummary(Callback):
             from .tracking import start_tracker
 
             experiment = config.experiment_name
-            tracker = start_tracker(config.logger, sweep_dir, f"{experiment}-summary", experiment, ["sweep-summary"],
-                                    {"sweep_dir": str(sweep_dir), "objective": key}, is_main=True,
-                                    job_type="sweep-summary", id_label="sweep_summary")
+            tracker = start_tracker(
+                config.logger,
+                sweep_dir,
+                f"{experiment}-summary",
+                experiment,
+                ["sweep-summary"],
+                {"sweep_dir": str(sweep_dir), "objective": key},
+                is_main=True,
+                job_type="sweep-summary",
+                id_label="sweep_summary",
+            )
             tracker.curve("budget_curve", rows, x="kv_budget", y=key, stroke="method")
             tracker.finish()
         if failed:
@@ -179,12 +193,19 @@ def curve_rows(sweep_dir: Path, key: str) -> list[dict]:
     rows = []
     for path in sweep_dir.glob(f"*/{METRICS_FILE}"):
         m = json.loads(path.read_text())
-        rows.append({
-            "job": path.parent.name, "method": m["method"], "kv_budget": m["kv_budget"],
-            "ratio": ":".join(f"{r:.3g}" for r in m["ratio"] or []), "seed": m["seed"],
-            "ppl": m["eval"]["ppl"], "ppl_causal_routing": m["eval"]["ppl_causal_routing"],
-            "kv_bytes_per_token": m["kv_bytes_per_token"], key: objective(m, key),
-        })
+        rows.append(
+            {
+                "job": path.parent.name,
+                "method": m["method"],
+                "kv_budget": m["kv_budget"],
+                "ratio": ":".join(f"{r:.3g}" for r in m["ratio"] or []),
+                "seed": m["seed"],
+                "ppl": m["eval"]["ppl"],
+                "ppl_causal_routing": m["eval"]["ppl_causal_routing"],
+                "kv_bytes_per_token": m["kv_bytes_per_token"],
+                key: objective(m, key),
+            }
+        )
     return sorted(rows, key=lambda r: (r["method"], r["kv_budget"], r["job"]))
 
 
@@ -196,8 +217,10 @@ def summarise(sweep_dir: Path, started: float) -> tuple[list[str], int]:
     failed = [d for d in jobs if (d / ERROR_FILE).is_file()]  # a job that starts again removes its error.json
     done = [d for d in jobs if (d / METRICS_FILE).is_file() and d not in failed]
     before = [d for d in done if (d / METRICS_FILE).stat().st_mtime < started]
-    lines = [f"sweep {sweep_dir}: {len(jobs)} jobs, {len(done)} finished ({len(before)} already before this launch, "
-             f"skipped), {len(failed)} failed"]
+    lines = [
+        f"sweep {sweep_dir}: {len(jobs)} jobs, {len(done)} finished ({len(before)} already before this launch, "
+        f"skipped), {len(failed)} failed"
+    ]
     overrides = {d: _overrides(d) for d in jobs}
     shared = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
     for d in failed:

@@ -120,8 +120,17 @@ def run_name(method: str, kv_budget: float, ratio: list[float] | None, seed: int
     return "-".join([*parts, f"s{seed}"])
 
 
-def start_tracker(logger_cfg, run_dir: Path, name: str, group: str, tags: list[str], config: dict, is_main: bool,
-                  job_type: str = "train", id_label: str | None = None) -> Tracker:
+def start_tracker(
+    logger_cfg,
+    run_dir: Path,
+    name: str,
+    group: str,
+    tags: list[str],
+    config: dict,
+    is_main: bool,
+    job_type: str = "train",
+    id_label: str | None = None,
+) -> Tracker:
     """A W&B run (group = experiment, tags = method and budget, the resolved config attached),
     or a disabled tracker when ``backend=none``, the mode is ``disabled``, on ranks other than 0,
     or when W&B fails. ``job_type``: ``train``, ``evaluate`` or ``sweep-summary``; the run id is
@@ -147,7 +156,9 @@ def start_tracker(logger_cfg, run_dir: Path, name: str, group: str, tags: list[s
         )
         return Tracker(run)
     except Exception as err:  # W&B must never stop training
-        log.warning("W&B failed to start (%s); training continues without tracking (logger=none turns it off)", _one_line(err))
+        log.warning(
+            "W&B failed to start (%s); training continues without tracking (logger=none turns it off)", _one_line(err)
+        )
         return Tracker()
 
 

@@ -31,8 +31,10 @@ from .sweep import JobFailed, in_multirun, run_job
 log = logging.getLogger(__name__)
 
 VERBOSE_FLAG = "--verbose"
-INTERRUPTED = ("interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, "
-               "if any; rerun the same command with trainer.resume=auto")
+INTERRUPTED = (
+    "interrupted outside a checkpointed training step; {run_dir} keeps its last complete checkpoint, "
+    "if any; rerun the same command with trainer.resume=auto"
+)
 
 
 def fail(message: str, code: int, detail: str | None = None) -> NoReturn:
@@ -103,22 +105,31 @@ def summary(metrics: RunMetrics, run_dir: Path) -> str:
     lines = [f"run: {metrics.model} {metrics.method} ({100 * budget:.1f}% KV nominal) on {metrics.task}"]
     for label, block in (("before training:", metrics.eval_before), ("after training: ", metrics.eval)):
         if block is not None:
-            lines.append(f"perplexity {label} {block.ppl_causal_routing:.2f} causal routing; "
-                         f"top-k {block.ppl:.2f} (paper protocol, non-causal: sees the whole block)")
+            lines.append(
+                f"perplexity {label} {block.ppl_causal_routing:.2f} causal routing; "
+                f"top-k {block.ppl:.2f} (paper protocol, non-causal: sees the whole block)"
+            )
     for name, value in metrics.eval.rouge_l.items():
         lines.append(f"ROUGE-L {name}: {value:.2f}")
     native = metrics.kv_bytes_per_token_native
-    for label, value in (("prefill", metrics.eval.kv_bytes_per_token), ("decode", metrics.eval.kv_bytes_per_token_decode)):
+    for label, value in (
+        ("prefill", metrics.eval.kv_bytes_per_token),
+        ("decode", metrics.eval.kv_bytes_per_token_decode),
+    ):
         if value is not None:
-            lines.append(f"KV bytes per real token, {label}: {value:.1f} measured vs {native} native "
-                         f"({100 * value / native:.1f}%, nominal {100 * budget:.1f}%)")
+            lines.append(
+                f"KV bytes per real token, {label}: {value:.1f} measured vs {native} native "
+                f"({100 * value / native:.1f}%, nominal {100 * budget:.1f}%)"
+            )
     decode = metrics.eval.expert_fractions.decode
     if decode:
         lines.append("realised decode expert fractions: " + "/".join(f"{f:.2f}" for f in decode))
     train = metrics.train
     if train:
-        lines.append(f"trained {train.steps} steps, {train.tokens} tokens in {train.seconds:.0f} s "
-                     f"({train.tokens_per_s:.0f} tok/s), final loss {train.final_loss:.4f}")
+        lines.append(
+            f"trained {train.steps} steps, {train.tokens} tokens in {train.seconds:.0f} s "
+            f"({train.tokens_per_s:.0f} tok/s), final loss {train.final_loss:.4f}"
+        )
     lines.append(f"run directory: {run_dir}")
     return "\n".join(lines)
 

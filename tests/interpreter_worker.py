@@ -18,8 +18,11 @@ def report(results: dict) -> None:
 def run_worker(test_file: str) -> dict:
     """In the parent: run ``python TEST_FILE --worker`` under the Triton interpreter on CPU."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(test_file), "--worker"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(test_file), "--worker"], env=env, capture_output=True, text=True, timeout=300
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len(MARKER):])
+    assert proc.returncode == 0 and lines, (
+        f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return json.loads(lines[-1][len(MARKER) :])

@@ -11,11 +11,11 @@ import shutil
 import sys
 
 import pytest
-
 from cli import DOLLY, WIKITEXT
 from in_process import error_lines, run_train
-from mixsga_train.training import checkpoints
 from training_runs import run
+
+from mixsga_train.training import checkpoints
 
 SMOKE_LM = ["experiment=smoke_lm", f"task.local_dir={WIKITEXT}"]
 SMOKE_SFT = ["experiment=smoke_sft", f"task.jsonl={DOLLY}"]
@@ -40,7 +40,11 @@ def existing_run(tmp_path):
 
 
 def snapshot(run_dir) -> dict:
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in run_dir.rglob("*")
+        if p.is_file()
+    }
 
 
 def train_in_process(argv, monkeypatch, capsys, *, stop_at: str = "init_distributed") -> tuple[int, list[str]]:
@@ -97,43 +101,81 @@ def case_malformed_jsonl(tmp_path):
 def case_empty_jsonl(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
-    return [*SMOKE_SFT, f"task.jsonl={path}"], "load_model", f"{path}: no records (the file is empty)", "one JSON object per line"
+    return (
+        [*SMOKE_SFT, f"task.jsonl={path}"],
+        "load_model",
+        f"{path}: no records (the file is empty)",
+        "one JSON object per line",
+    )
 
 
 def case_empty_corpus(tmp_path):
     folder = corpus(tmp_path, valid="")
-    return ([*SMOKE_LM, f"task.local_dir={folder}"], "load_model", f"{folder / 'valid.txt'}: blank",
-            "every split needs text")
+    return (
+        [*SMOKE_LM, f"task.local_dir={folder}"],
+        "load_model",
+        f"{folder / 'valid.txt'}: blank",
+        "every split needs text",
+    )
 
 
 def case_too_short_corpus(tmp_path):
     folder = corpus(tmp_path, valid="A few words, far fewer than eighty bytes.\n")
-    return ([*SMOKE_LM, f"task.local_dir={folder}"], "init_distributed",
-            f"{folder / 'valid.txt'} (as train): 42 tokens, fewer than seq_len=80", "use a longer text or a smaller task.seq_len")
+    return (
+        [*SMOKE_LM, f"task.local_dir={folder}"],
+        "init_distributed",
+        f"{folder / 'valid.txt'} (as train): 42 tokens, fewer than seq_len=80",
+        "use a longer text or a smaller task.seq_len",
+    )
 
 
 def case_missing_split(tmp_path):
     folder = corpus(tmp_path, valid="text\n", test=None)
-    return [*SMOKE_LM, f"task.local_dir={folder}"], "load_model", f"task.local_dir: {folder / 'test.txt'} is missing", "needs valid.txt and test.txt"
+    return (
+        [*SMOKE_LM, f"task.local_dir={folder}"],
+        "load_model",
+        f"task.local_dir: {folder / 'test.txt'} is missing",
+        "needs valid.txt and test.txt",
+    )
 
 
 def case_seq_len_above_model_max(tmp_path):
-    return ([*SMOKE_LM, "task.seq_len=512"], "load_model",
-            "task.seq_len: 512 exceeds model.max_seq_len=256 for tiny-llama", "lower task.seq_len")
+    return (
+        [*SMOKE_LM, "task.seq_len=512"],
+        "load_model",
+        "task.seq_len: 512 exceeds model.max_seq_len=256 for tiny-llama",
+        "lower task.seq_len",
+    )
 
 
 def case_unknown_hub_model(tmp_path):
-    return ([*SMOKE_LM, "model=smollm2_135m", "attention=mha", "model.source=hub", "model.hub_id=nobody/no-such-model"],
-            "init_distributed", "model.hub_id: cannot load 'nobody/no-such-model'", "use model.source=local model.path=")
+    return (
+        [*SMOKE_LM, "model=smollm2_135m", "attention=mha", "model.source=hub", "model.hub_id=nobody/no-such-model"],
+        "init_distributed",
+        "model.hub_id: cannot load 'nobody/no-such-model'",
+        "use model.source=local model.path=",
+    )
 
 
 def case_unknown_hub_dataset(tmp_path):
-    return (["experiment=smoke_lm"], "load_model",
-            "Hub dataset wikitext/wikitext-2-raw-v1: cannot load it", "set task.local_dir to a folder with valid.txt and test.txt")
+    return (
+        ["experiment=smoke_lm"],
+        "load_model",
+        "Hub dataset wikitext/wikitext-2-raw-v1: cannot load it",
+        "set task.local_dir to a folder with valid.txt and test.txt",
+    )
 
 
-CASES = [case_malformed_jsonl, case_empty_jsonl, case_empty_corpus, case_too_short_corpus, case_missing_split,
-         case_seq_len_above_model_max, case_unknown_hub_model, case_unknown_hub_dataset]
+CASES = [
+    case_malformed_jsonl,
+    case_empty_jsonl,
+    case_empty_corpus,
+    case_too_short_corpus,
+    case_missing_split,
+    case_seq_len_above_model_max,
+    case_unknown_hub_model,
+    case_unknown_hub_dataset,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -151,8 +193,19 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, existing_run, tmp_
 
 def test_nan_loss_stops_with_the_step_exit_3_and_keeps_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run([sys.executable, "-m", "mixsga_train.train", *SMOKE_LM, "trainer.lr=1e37", "trainer.save_every=1",
-                "trainer.max_steps=4", "trainer.eval_before=false", f"hydra.run.dir={run_dir}"])
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "mixsga_train.train",
+            *SMOKE_LM,
+            "trainer.lr=1e37",
+            "trainer.save_every=1",
+            "trainer.max_steps=4",
+            "trainer.eval_before=false",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 3 and len(errors) == 1, proc.stderr[-3000:]
     root = checkpoints.checkpoint_root(run_dir)
@@ -178,7 +231,9 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None
     _, loaded = load_model(ModelConfig(name="no-pad", source="local", path=str(tmp_path), max_seq_len=256))
     assert loaded.pad_token == loaded.eos_token == "<eos>"
-    batch = SFTCollator(loaded.pad_token_id)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
+    batch = SFTCollator(loaded.pad_token_id)(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    )
     assert batch["input_ids"][1].tolist() == [4, loaded.eos_token_id, loaded.eos_token_id]
     assert batch["attention_mask"][1].tolist() == [1, 0, 0] and batch["labels"][1].tolist() == [4, -100, -100]
 
@@ -191,8 +246,12 @@ def converted_checkpoints(tmp_path_factory):
     from mixsga_train.models.tiny import tiny_model, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("converted")
-    methods = {"mixsga": dict(method="mixsga"), "mha": dict(method="mha"), "gqa2": dict(method="gqa", kv_heads=2),
-               "gqa1": dict(method="gqa", kv_heads=1)}
+    methods = {
+        "mixsga": dict(method="mixsga"),
+        "mha": dict(method="mha"),
+        "gqa2": dict(method="gqa", kv_heads=2),
+        "gqa1": dict(method="gqa", kv_heads=1),
+    }
     for name, attention in methods.items():
         tokenizer = tiny_tokenizer(256)
         model = tiny_model(ModelConfig(source="tiny", tiny_layers=1, max_seq_len=256), tokenizer)
@@ -251,8 +310,7 @@ def test_evaluate_refuses_a_checkpoint_from_another_method(converted_checkpoints
 def test_wandb_that_fails_to_start_warns_once_and_tracking_is_off(monkeypatch, tmp_path, caplog):
     import wandb
 
-    from mixsga_train.tracking import LoggerConfig
-    from mixsga_train.tracking import start_tracker
+    from mixsga_train.tracking import LoggerConfig, start_tracker
 
     def broken_init(**kwargs):
         raise RuntimeError("wandb-core could not start\nsecond line of detail")
@@ -286,4 +344,6 @@ def test_wandb_that_fails_mid_run_warns_once_and_stops_tracking(caplog):
             tracker.log({"train/loss": 1.0}, step=step)
         tracker.finish()
     assert BrokenRun.calls == 1 and not tracker.active
-    assert [r.getMessage() for r in caplog.records] == ["W&B failed (OSError: disk full); the run continues without tracking"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "W&B failed (OSError: disk full); the run continues without tracking"
+    ]

@@ -18,7 +18,16 @@ PAPER = [4, 2, 1]  # group sizes 1, 2, 4 over 4 KV heads
 
 @pytest.mark.parametrize(
     "ratio, budget",
-    [("3:1:6", 0.5), ("1:1:2", 0.5), ("1:6:2", 0.5), ("1:9:2", 0.5), ("0:1:0", 0.5), ("1:1:8", 0.35), ("0:0:1", 0.25), ("1:1:0", 0.75)],
+    [
+        ("3:1:6", 0.5),
+        ("1:1:2", 0.5),
+        ("1:6:2", 0.5),
+        ("1:9:2", 0.5),
+        ("0:1:0", 0.5),
+        ("1:1:8", 0.35),
+        ("0:0:1", 0.25),
+        ("1:1:0", 0.75),
+    ],
 )
 def test_paper_ratio_budgets(ratio, budget):
     assert mixsga_budget(parse_ratio(ratio), PAPER, 4) == pytest.approx(budget, abs=1e-12)
@@ -37,7 +46,9 @@ def test_step_01_grid_contains_the_50_percent_family():
     grid = [tuple(simplest_integer_ratio(r)) for r in feasible_ratios([4, 2, 1], 4, 0.5, 0.1)]
     # x : (1-3x) : 2x for x in {0.1, 0.2, 0.3}; x = 0 is 0:1:0 (plain GQA), kept only on request
     assert sorted(grid) == sorted([(1, 7, 2), (1, 2, 2), (3, 1, 6)])
-    with_single = [tuple(simplest_integer_ratio(r)) for r in feasible_ratios([4, 2, 1], 4, 0.5, 0.1, mixtures_only=False)]
+    with_single = [
+        tuple(simplest_integer_ratio(r)) for r in feasible_ratios([4, 2, 1], 4, 0.5, 0.1, mixtures_only=False)
+    ]
     assert sorted(with_single) == sorted([(0, 1, 0), (1, 7, 2), (1, 2, 2), (3, 1, 6)])
 
 
@@ -59,7 +70,9 @@ def test_gqa_heads_for_budget():
         gqa_kv_heads_for_budget(0.35, 4)
 
 
-@pytest.mark.parametrize("layers, budget, expected", [(22, 0.5, 0.5), (4, 0.75, 0.75), (12, 0.25, 0.25), (30, 1 / 3, 1 / 3)])
+@pytest.mark.parametrize(
+    "layers, budget, expected", [(22, 0.5, 0.5), (4, 0.75, 0.75), (12, 0.25, 0.25), (30, 1 / 3, 1 / 3)]
+)
 def test_cla_groups_reach_budget(layers, budget, expected):
     groups = cla_sharing_groups(layers, budget)
     assert [i for g in groups for i in g] == list(range(layers))  # consecutive, every layer once
@@ -67,14 +80,23 @@ def test_cla_groups_reach_budget(layers, budget, expected):
     assert cla_budget(groups) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("layers, budget, nearest", [(22, 0.25, "0.227273 (5 of 22 layers) or 0.272727 (6 of 22 layers)"),
-                                                    (22, 0.75, "0.727273 (16 of 22 layers) or 0.772727 (17 of 22 layers)"),
-                                                    (4, 0.35, "0.25 (1 of 4 layers) or 0.5 (2 of 4 layers)"),
-                                                    (3, 0.5, "0.333333 (1 of 3 layers) or 0.666667 (2 of 3 layers)"),
-                                                    (8, 0.1, "0.125 (1 of 8 layers)")])
+@pytest.mark.parametrize(
+    "layers, budget, nearest",
+    [
+        (22, 0.25, "0.227273 (5 of 22 layers) or 0.272727 (6 of 22 layers)"),
+        (22, 0.75, "0.727273 (16 of 22 layers) or 0.772727 (17 of 22 layers)"),
+        (4, 0.35, "0.25 (1 of 4 layers) or 0.5 (2 of 4 layers)"),
+        (3, 0.5, "0.333333 (1 of 3 layers) or 0.666667 (2 of 3 layers)"),
+        (8, 0.1, "0.125 (1 of 8 layers)"),
+    ],
+)
 def test_cla_refuses_budgets_off_its_grid_and_names_the_nearest(layers, budget, nearest):
-    with pytest.raises(ConfigError, match=rf"^attention\.budget: CLA cannot reach {budget} with {layers} layers .*use "
-                                          + nearest.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^attention\.budget: CLA cannot reach {budget} with {layers} layers .*use "
+        + nearest.replace("(", r"\(").replace(")", r"\)")
+        + "$",
+    ):
         cla_sharing_groups(layers, budget)
 
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from tiny import FAMILIES, tiny_model
 
 from mixsga_train.attention import AttentionConfig, build_cache, convert_model, routing_context
 from mixsga_train.attention.cache import KVBudgetCache, MixedKVLayer
-from tiny import FAMILIES, tiny_model
 
 D_H, H_KV, LAYERS, FP32 = 8, 4, 3, 4
 NATIVE_BYTES = LAYERS * 2 * H_KV * D_H * FP32  # K + V, all layers
@@ -20,8 +20,14 @@ def converted(base, **cfg):
 
 
 def greedy(model, ids, mask=None, new=6):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                         return_dict_in_generate=True, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     return out.sequences, out.cache
 
 
@@ -74,7 +80,9 @@ def test_recomputation_check_can_fail():
     assert (right - wrong).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("ratio, budget", [("3:1:6", 0.5), ("1:1:2", 0.5), ("1:1:8", 0.35), ("0:0:1", 0.25), ("1:1:0", 0.75)])
+@pytest.mark.parametrize(
+    "ratio, budget", [("3:1:6", 0.5), ("1:1:2", 0.5), ("1:1:8", 0.35), ("0:0:1", 0.25), ("1:1:0", 0.75)]
+)
 def test_measured_bytes_equal_budget_plus_id_bytes(ratio, budget):
     model = converted(tiny_model("llama"), method="mixsga", ratio=ratio)
     _, cache = greedy(model, torch.randint(1, 96, (2, 20)), new=1)  # prefill only: 20 tokens, exact shares
@@ -84,8 +92,14 @@ def test_measured_bytes_equal_budget_plus_id_bytes(ratio, budget):
     assert cache.nbytes_reserved() >= cache.nbytes()
 
 
-@pytest.mark.parametrize("cfg, budget", [(dict(method="gqa", kv_heads=1), 0.25), (dict(method="gqa", kv_heads=2), 0.5),
-                                         (dict(method="cla", budget=2 / 3), 2 / 3)])
+@pytest.mark.parametrize(
+    "cfg, budget",
+    [
+        (dict(method="gqa", kv_heads=1), 0.25),
+        (dict(method="gqa", kv_heads=2), 0.5),
+        (dict(method="cla", budget=2 / 3), 2 / 3),
+    ],
+)
 def test_baseline_caches_hold_their_budget(cfg, budget):
     model = converted(tiny_model("llama"), **cfg)
     _, cache = greedy(model, torch.randint(1, 96, (2, 10)), new=4)
@@ -124,5 +138,7 @@ def test_build_cache_is_the_generate_default_and_can_be_passed_explicitly():
     model = converted(tiny_model("llama"), method="mixsga", ratio="3:1:6")
     prompt = torch.randint(1, 96, (1, 8))
     cache = build_cache(model)
-    out = model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    out = model.generate(
+        prompt, cache=cache, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
     assert out.cache is cache and cache.get_seq_length() == 10

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from cli import DOLLY, WIKITEXT, metrics, run_cli
 
 from mixsga_train.metrics import EvalMetrics, RunMetrics
@@ -12,7 +11,9 @@ from mixsga_train.metrics import EvalMetrics, RunMetrics
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lm") / "run"
-    proc = run_cli(["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "trainer.zero_stage=2", f"hydra.run.dir={run_dir}"])
+    proc = run_cli(
+        ["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "trainer.zero_stage=2", f"hydra.run.dir={run_dir}"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -51,12 +52,16 @@ def test_standalone_evaluate_reproduces_the_run_metrics(lm_run):
     again = json.loads((run_dir / "eval.json").read_text())["eval"]
     assert again["ppl"] == pytest.approx(metrics(run_dir)["eval"]["ppl"], rel=1e-5)
     wrong = run_cli([str(run_dir), "attention.ratio=[1,1,2]"], module="mixsga_train.evaluate")
-    assert wrong.returncode == 2 and "holds mixsga" in wrong.stderr and "pass the matching run directory" in wrong.stderr
+    assert (
+        wrong.returncode == 2 and "holds mixsga" in wrong.stderr and "pass the matching run directory" in wrong.stderr
+    )
 
 
 def test_sft_run_writes_rouge_for_the_dolly_test_split(tmp_path):
     run_dir = tmp_path / "sft"
-    proc = run_cli(["experiment=smoke_sft", f"task.jsonl={DOLLY}", "trainer.eval_before=false", f"hydra.run.dir={run_dir}"])
+    proc = run_cli(
+        ["experiment=smoke_sft", f"task.jsonl={DOLLY}", "trainer.eval_before=false", f"hydra.run.dir={run_dir}"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = metrics(run_dir)
     rouge = m["eval"]["rouge_l"]["dolly_test"]
@@ -69,8 +74,15 @@ def test_sft_run_without_eval_sets_reports_no_kv_bytes_instead_of_crashing(tmp_p
     """``task.eval_sets=[]`` validates: nothing is generated, so the KV keys are null; the run's summary and
     ``mixsga-evaluate`` leave them out instead of failing on None."""
     run_dir = tmp_path / "sft"
-    proc = run_cli(["experiment=smoke_sft", f"task.jsonl={DOLLY}", "task.eval_sets=[]", "trainer.max_steps=0",
-                    f"hydra.run.dir={run_dir}"])
+    proc = run_cli(
+        [
+            "experiment=smoke_sft",
+            f"task.jsonl={DOLLY}",
+            "task.eval_sets=[]",
+            "trainer.max_steps=0",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = RunMetrics.from_json(metrics(run_dir))
     assert m.kv_bytes_per_token is None and m.eval.kv_bytes_per_token_decode is None and m.eval.rouge_l == {}
@@ -86,15 +98,30 @@ def test_sft_run_without_eval_sets_reports_no_kv_bytes_instead_of_crashing(tmp_p
 
 
 def test_run_metrics_read_older_files_with_missing_keys_as_null():
-    old = {"model": "m", "task": "t", "method": "gqa", "kv_budget": 0.5, "eval": {"ppl": 3.0, "ppl_causal_routing": 3.0}}
+    old = {
+        "model": "m",
+        "task": "t",
+        "method": "gqa",
+        "kv_budget": 0.5,
+        "eval": {"ppl": 3.0, "ppl_causal_routing": 3.0},
+    }
     read = RunMetrics.from_json(old)
     assert read.eval.ppl == 3.0 and read.eval.kv_share_decode is None and read.train is None
     assert read.eval.expert_fractions.decode is None and read.attention == {} and read.eval_before is None
 
 
 def test_multirun_over_two_methods_writes_two_run_dirs(tmp_path):
-    proc = run_cli(["-m", "experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "attention=gqa,mixsga",
-                    "trainer.max_steps=2", "trainer.eval_before=false", f"hydra.sweep.dir={tmp_path}"])
+    proc = run_cli(
+        [
+            "-m",
+            "experiment=smoke_lm",
+            f"task.local_dir={WIKITEXT}",
+            "attention=gqa,mixsga",
+            "trainer.max_steps=2",
+            "trainer.eval_before=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
     assert [metrics(r)["method"] for r in runs] == ["gqa", "mixsga"]

@@ -62,7 +62,12 @@ def test_paper_experiments_reproduce_the_papers_settings():
     assert cpt.task.seq_len * cpt.trainer.micro_batch_size * cpt.trainer.grad_accum * 8 == 256 * 1024  # on 8 GPUs
     sft = to_run_config(composed(["experiment=paper_sft_llama3_2_1b"]))
     r = sft.validate()
-    assert (r.expert_kv_heads, r.kv_budget, sft.trainer.lr, sft.task.split_sizes) == ([8, 4, 2], 0.5, 5e-5, [14000, 500, 500])
+    assert (r.expert_kv_heads, r.kv_budget, sft.trainer.lr, sft.task.split_sizes) == (
+        [8, 4, 2],
+        0.5,
+        5e-5,
+        [14000, 500, 500],
+    )
     assert sft.trainer.micro_batch_size * sft.trainer.grad_accum == 32
 
 
@@ -77,12 +82,15 @@ def test_type_errors_name_the_key():
         to_run_config(composed(["trainer.max_steps=lots"]))
 
 
-@pytest.mark.parametrize("overrides, kv_heads, budget", [
-    ([], 2, 0.5),  # neither key: the paper's baseline, group size 2
-    (["attention.kv_heads=1"], 1, 0.25),
-    (["model=tiny_llama_mha8", "attention.kv_heads=2"], 2, 0.25),  # the case: 8 native KV heads
-    (["attention.budget=0.75"], 3, 0.75),
-])
+@pytest.mark.parametrize(
+    "overrides, kv_heads, budget",
+    [
+        ([], 2, 0.5),  # neither key: the paper's baseline, group size 2
+        (["attention.kv_heads=1"], 1, 0.25),
+        (["model=tiny_llama_mha8", "attention.kv_heads=2"], 2, 0.25),  # the case: 8 native KV heads
+        (["attention.budget=0.75"], 3, 0.75),
+    ],
+)
 def test_gqa_user_key_wins_over_the_group_default(overrides, kv_heads, budget):
     resolved = to_run_config(composed(["attention=gqa", *overrides])).validate()  # tiny_llama: 4 KV heads
     assert (resolved.kv_heads, resolved.kv_budget) == (kv_heads, pytest.approx(budget))
@@ -121,10 +129,16 @@ def test_a_local_checkpoint_declares_its_kv_heads_and_layers_through_config_json
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3).save_pretrained(
-        tmp_path)
-    local = ["model.source=local", f"model.path={tmp_path}", "model.name=mine", "attention=mixsga",
-             "attention.ratio=[1,1]",
-             "attention.expert_kv_heads=[2,1]"]
+        tmp_path
+    )
+    local = [
+        "model.source=local",
+        f"model.path={tmp_path}",
+        "model.name=mine",
+        "attention=mixsga",
+        "attention.ratio=[1,1]",
+        "attention.expert_kv_heads=[2,1]",
+    ]
     resolved = to_run_config(composed(local)).validate()
     assert (resolved.native_kv_heads, resolved.num_layers, resolved.expert_kv_heads) == (2, 3, [2, 1])
     declared = to_run_config(composed([*local, "+model.native_kv_heads=2", "+model.num_layers=3"])).validate()

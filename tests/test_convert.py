@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from tiny import FAMILIES, tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model
 from mixsga_train.errors import ConfigError
-from tiny import FAMILIES, tiny_model
 
 ATOL = 1e-5
 
@@ -78,8 +78,12 @@ def test_cla_borrowers_reuse_owner_kv_and_drop_their_weights():
     # layer 1's keys are layer 0's projection of layer 0's input: reproduce by hand
     ids = torch.randint(0, 96, (1, 6))
     captured = {}
-    hooks = [model.model.layers[i].self_attn.k_proj.register_forward_hook(
-        lambda m, a, out, i=i: captured.__setitem__(i, out)) for i in (0, 1)]
+    hooks = [
+        model.model.layers[i].self_attn.k_proj.register_forward_hook(
+            lambda m, a, out, i=i: captured.__setitem__(i, out)
+        )
+        for i in (0, 1)
+    ]
     logits(model, ids)
     for h in hooks:
         h.remove()

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from tiny import byte_bpe_tokenizer
 
 from mixsga_train.data.config import TaskConfig
 from mixsga_train.data.instructions import (
@@ -24,7 +25,6 @@ from mixsga_train.data.instructions import (
     split_records,
 )
 from mixsga_train.errors import ConfigError, DataError
-from tiny import byte_bpe_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"  # see fixtures/README.md
 DOLLY = FIXTURES / "dolly" / "dolly_sample.jsonl"
@@ -106,7 +106,9 @@ def test_truncation_keeps_the_response_cue_and_max_len(tokenizer):
 
 
 def test_collator_right_pads(tokenizer, dolly):
-    batch = SFTCollator(pad_id=tokenizer.pad_token_id)([SFTDataset(dolly[:3], tokenizer, 512, 256)[i] for i in range(3)])
+    batch = SFTCollator(pad_id=tokenizer.pad_token_id)(
+        [SFTDataset(dolly[:3], tokenizer, 512, 256)[i] for i in range(3)]
+    )
     lengths = batch["attention_mask"].sum(1)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[1] == int(lengths.max())
@@ -143,8 +145,12 @@ def test_fit_split_sizes_scales_down_when_valid_test_do_not_fit():
 
 def test_sft_task_splits_and_eval_sets_from_local_files(caplog):
     cfg = TaskConfig(
-        name="dolly", kind="sft", jsonl=str(DOLLY), split_sizes=[60, 20, 30],
-        eval_sets=["dolly_test", str(SEED_TASKS)], eval_max_examples=None,
+        name="dolly",
+        kind="sft",
+        jsonl=str(DOLLY),
+        split_sizes=[60, 20, 30],
+        eval_sets=["dolly_test", str(SEED_TASKS)],
+        eval_max_examples=None,
     )
     cfg.validate()
     splits = load_sft_splits(cfg)

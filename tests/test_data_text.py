@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import byte_bpe_tokenizer
 
 from mixsga_train.data import text as text_mod
 from mixsga_train.data.config import TaskConfig
@@ -15,7 +16,6 @@ from mixsga_train.data.text import (
     tokenize_corpus,
 )
 from mixsga_train.errors import ConfigError, DataError
-from tiny import byte_bpe_tokenizer
 
 WIKI = Path(__file__).parent / "fixtures" / "wikitext-2"
 

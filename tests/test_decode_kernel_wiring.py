@@ -19,11 +19,11 @@ import tempfile
 
 import pytest
 import torch
+from interpreter_worker import report, run_worker
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model, converted, load_converted
 from mixsga_train.errors import ConfigError
-from tiny import tiny_model
-from interpreter_worker import report, run_worker
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NEW_TOKENS = 4
@@ -64,8 +64,15 @@ def prompt(pad: bool):
 
 
 def generate(model, ids, mask):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                          return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+    )
 
 
 def _run_case(name: str) -> dict:
@@ -178,15 +185,20 @@ def test_gqa_fallback_and_kernel_rows(monkeypatch):
     got, expected = generate(models["triton"], ids, mask), generate(models["torch"], ids, mask)
     assert torch.equal(got.sequences, expected.sequences)
     layer = got.cache.layers[0]
-    assert layer.expert_ids is None and torch.equal(layer.kernel_expert_ids(), torch.zeros(2, layer.seq_length, dtype=torch.uint8))
+    assert layer.expert_ids is None and torch.equal(
+        layer.kernel_expert_ids(), torch.zeros(2, layer.seq_length, dtype=torch.uint8)
+    )
     assert_kernel_rows_read_each_token(layer)
 
 
-@pytest.mark.parametrize("family, cfg, reason", [
-    ("gemma2", METHODS["mixsga"], "softcapping"),
-    ("llama", dict(method="cla", budget=2 / 3), "mixed KV cache"),
-    ("llama", dict(method="mha"), "mixed KV cache"),
-])
+@pytest.mark.parametrize(
+    "family, cfg, reason",
+    [
+        ("gemma2", METHODS["mixsga"], "softcapping"),
+        ("llama", dict(method="cla", budget=2 / 3), "mixed KV cache"),
+        ("llama", dict(method="mha"), "mixed KV cache"),
+    ],
+)
 def test_unsupported_models_keep_torch_path_with_one_warning(family, cfg, reason, caplog):
     model = tiny_model(family)
     impl = model.config._attn_implementation

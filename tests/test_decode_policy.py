@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model, routing_context
 from mixsga_train.attention.routing import budget_decode_route
-
-from tiny import tiny_model
 
 COSTS = torch.tensor([1.0, 0.5, 0.25])
 
@@ -45,8 +44,14 @@ def test_budget_policy_holds_every_prefix_against_a_router_that_always_wants_the
 def test_budget_policy_follows_the_router_when_it_already_fits():
     scores = torch.randn(2, 30, 3)
     scores[..., 2] += 10  # prefers the cheapest expert
-    ids = budget_decode_route(scores, COSTS, torch.ones(3, dtype=torch.bool), 0.5,
-                              torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    ids = budget_decode_route(
+        scores,
+        COSTS,
+        torch.ones(3, dtype=torch.bool),
+        0.5,
+        torch.zeros(2, dtype=torch.float64),
+        torch.zeros(2, dtype=torch.long),
+    )
     assert torch.equal(ids, scores.argmax(-1))
 
 
@@ -67,8 +72,16 @@ def adversarial(model):
 
 def generate(model, prompt, mask, new=12):
     """Greedy decoding of exactly ``new`` tokens (no early EOS): sequences, cache, step logits."""
-    out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                         return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+    )
     return out.sequences, out.cache, torch.stack(out.logits, dim=1)  # step logits [B, new, V], unprocessed
 
 

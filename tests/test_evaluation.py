@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model, routing_context
 from mixsga_train.data.instructions import EvalExample, format_prompt
@@ -14,7 +15,6 @@ from mixsga_train.evaluation.kv import measure_kv_bytes_per_token, native_kv_byt
 from mixsga_train.evaluation.perplexity import evaluate_perplexity
 from mixsga_train.models.config import ModelConfig
 from mixsga_train.models.loading import load_model
-from tiny import tiny_model
 
 BLOCKS = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(0))
 
@@ -97,7 +97,9 @@ def test_generate_and_score(tiny_with_tokenizer):
 def test_sampling_is_reproducible_by_seed(tiny_with_tokenizer):
     model, tokenizer = tiny_with_tokenizer
     examples = [EvalExample(format_prompt("Say something."), ["Something."])]
-    runs = [generate_and_score(model, tokenizer, examples, 6, 1, 64, do_sample=True, seed=s).predictions for s in (1, 1)]
+    runs = [
+        generate_and_score(model, tokenizer, examples, 6, 1, 64, do_sample=True, seed=s).predictions for s in (1, 1)
+    ]
     assert runs[0] == runs[1]
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
@@ -44,15 +43,16 @@ def auto_run(checkpoint):
         patch.setattr(convert, "build_cache", lambda model: built.append(1) or build_cache(model))
         patch.chdir(FIXTURES)  # the task YAMLs name their data file relative to the working directory
         lm = MixSGAHarnessLM(str(checkpoint), device="cpu")
-        out = simple_evaluate(model=lm, tasks=TASKS, task_manager=TaskManager(include_path=str(FIXTURES)),
-                              log_samples=True)
+        out = simple_evaluate(
+            model=lm, tasks=TASKS, task_manager=TaskManager(include_path=str(FIXTURES)), log_samples=True
+        )
     return lm, out, len(built)
 
 
 def own_loglikelihood(model, context_ids, continuation_ids, routing):
     ids = torch.tensor([context_ids + continuation_ids])
     with torch.no_grad(), evaluating(model, routing):
-        logprobs = F.log_softmax(model(ids[:, :-1]).logits.float(), dim=-1)[0, len(context_ids) - 1:]
+        logprobs = F.log_softmax(model(ids[:, :-1]).logits.float(), dim=-1)[0, len(context_ids) - 1 :]
     return logprobs.gather(-1, torch.tensor(continuation_ids)[:, None]).sum().item()
 
 
@@ -76,15 +76,17 @@ def test_causal_routings_are_available_and_batch(checkpoint, monkeypatch, routin
     loglikelihood is the model's own under that routing, and the two routings differ."""
     monkeypatch.chdir(FIXTURES)
     lm = MixSGAHarnessLM(str(checkpoint), routing=routing, batch_size=4, device="cpu")
-    out = simple_evaluate(model=lm, tasks=TASKS[:1], task_manager=TaskManager(include_path=str(FIXTURES)),
-                          log_samples=True)
+    out = simple_evaluate(
+        model=lm, tasks=TASKS[:1], task_manager=TaskManager(include_path=str(FIXTURES)), log_samples=True
+    )
     other = {"argmax": "causal", "causal": "argmax"}[routing]
     gaps = []
     for sample in out["samples"][TASKS[0]]:
         for (context, continuation), ((harness_ll, _),) in zip(sample["arguments"], sample["resps"]):
             context_ids, continuation_ids = lm._encode_pair(context, continuation)
-            assert harness_ll == pytest.approx(own_loglikelihood(lm.model, context_ids, continuation_ids, routing),
-                                               abs=1e-4)
+            assert harness_ll == pytest.approx(
+                own_loglikelihood(lm.model, context_ids, continuation_ids, routing), abs=1e-4
+            )
             gaps.append(abs(harness_ll - own_loglikelihood(lm.model, context_ids, continuation_ids, other)))
     assert max(gaps) > 1e-3, "causal and argmax routing agreed everywhere, so the test could not tell them apart"
 
@@ -99,10 +101,10 @@ def test_generation_goes_through_generate_with_the_mixsga_cache(auto_run):
     samples = out["samples"]["mixsga_tiny_gen"]
     assert built >= len(samples) == 4
     for sample in samples:
-        (context, gen_kwargs), = sample["arguments"]
+        ((context, gen_kwargs),) = sample["arguments"]
         prompt = lm.tok_encode(context)
         new = lm.model.generate(torch.tensor([prompt]), max_new_tokens=gen_kwargs["max_gen_toks"], do_sample=False)
-        expected = lm.tok_decode(new[0, len(prompt):].tolist())  # the harness's own decoding
+        expected = lm.tok_decode(new[0, len(prompt) :].tolist())  # the harness's own decoding
         for stop in [*gen_kwargs["until"], lm.tokenizer.eos_token]:
             expected = expected.split(stop)[0]
         assert sample["resps"][0][0] == expected
@@ -124,8 +126,17 @@ def test_mixsga_evaluate_harness_writes_lm_eval_results(checkpoint, tmp_path, mo
         f"task: {{name: tiny, kind: lm, local_dir: {corpus}, seq_len: 16}}\n"
     )
     monkeypatch.chdir(FIXTURES)
-    main([str(run_dir), "--checkpoint", str(checkpoint), "--harness", ",".join(TASKS),
-          "--harness-include", str(FIXTURES)])
+    main(
+        [
+            str(run_dir),
+            "--checkpoint",
+            str(checkpoint),
+            "--harness",
+            ",".join(TASKS),
+            "--harness-include",
+            str(FIXTURES),
+        ]
+    )
     written = json.loads((run_dir / "harness.json").read_text())
     assert set(written["results"]) == set(TASKS) and written["routing"] == "auto"
     assert "mixsga_tiny_choice: acc" in capsys.readouterr().out
@@ -144,6 +155,11 @@ def test_the_name_mixsga_is_registered_with_lm_eval(checkpoint, monkeypatch):
 
     assert get_model("mixsga") is MixSGAHarnessLM
     monkeypatch.chdir(FIXTURES)
-    out = simple_evaluate(model="mixsga", model_args=f"pretrained={checkpoint},routing=argmax,dtype=float32",
-                          batch_size=2, tasks=TASKS[:1], task_manager=TaskManager(include_path=str(FIXTURES)))
+    out = simple_evaluate(
+        model="mixsga",
+        model_args=f"pretrained={checkpoint},routing=argmax,dtype=float32",
+        batch_size=2,
+        tasks=TASKS[:1],
+        task_manager=TaskManager(include_path=str(FIXTURES)),
+    )
     assert 0 <= out["results"][TASKS[0]]["acc,none"] <= 1

@@ -12,17 +12,18 @@ import signal
 import time
 
 import pytest
-
 from cli import DOLLY, WIKITEXT
 from in_process import error_lines, run_train, run_train_output
+from training_runs import command, run, start, wait_for_checkpoint
+
 from mixsga_train.errors import ConfigError, DataError, StorageError
 from mixsga_train.training import checkpoints
-from training_runs import command, run, start, wait_for_checkpoint
 
 SMOKE_LM = ["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "logger=none"]
 SMOKE_SFT = ["experiment=smoke_sft", f"task.jsonl={DOLLY}", "logger=none"]
-BUSY = ("error: hydra.run.dir: {run_dir} is in use by another running mixsga-train; "
-        "wait for it or choose another directory")
+BUSY = (
+    "error: hydra.run.dir: {run_dir} is in use by another running mixsga-train; wait for it or choose another directory"
+)
 
 
 class Reached(AssertionError):
@@ -30,8 +31,9 @@ class Reached(AssertionError):
 
 
 def snapshot(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def stop_at(monkeypatch, name: str) -> None:
@@ -124,15 +126,20 @@ def test_an_interpolated_run_dir_of_a_finished_run_is_refused_before_hydra_write
     monkeypatch.setenv("HOSTILE_ROOT", str(tmp_path / "finished"))
     stop_at(monkeypatch, "read_task")
     error = one_error([*SMOKE_LM, "hydra.run.dir=${oc.env:HOSTILE_ROOT}/${experiment_name}"], monkeypatch, capsys)
-    assert error == (f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); "
-                     "choose another directory or delete it")
+    assert error == (
+        f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); "
+        "choose another directory or delete it"
+    )
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json"]
 
 
-@pytest.mark.parametrize("run_dir, message", [
-    ("", "hydra.run.dir: is empty; give a directory for the run"),
-    ("a_file", "is a file, not a directory; choose a directory path"),
-])
+@pytest.mark.parametrize(
+    "run_dir, message",
+    [
+        ("", "hydra.run.dir: is empty; give a directory for the run"),
+        ("a_file", "is a file, not a directory; choose a directory path"),
+    ],
+)
 def test_a_run_dir_that_is_no_directory_is_refused(run_dir, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a run\n")
     monkeypatch.chdir(tmp_path)
@@ -145,13 +152,16 @@ def test_a_run_dir_that_is_no_directory_is_refused(run_dir, message, tmp_path, m
 # -- 2. Finished work is never overwritten ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("metrics", "is a name the run itself uses"),
-    ("eval_before", "is a name the run itself uses"),
-    ("provenance", "is a name the run itself uses"),
-    ("earlier", "already exists; choose another --name"),
-    ("../elsewhere", "must be a plain file name"),
-])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("metrics", "is a name the run itself uses"),
+        ("eval_before", "is a name the run itself uses"),
+        ("provenance", "is a name the run itself uses"),
+        ("earlier", "already exists; choose another --name"),
+        ("../elsewhere", "must be a plain file name"),
+    ],
+)
 def test_evaluate_refuses_names_the_run_uses(name, problem, tmp_path, capsys):
     from mixsga_train import evaluate
 
@@ -171,13 +181,16 @@ def test_evaluate_refuses_names_the_run_uses(name, problem, tmp_path, capsys):
 # -- 3. Resume with another config, or from a damaged checkpoint --------------------------------------
 
 
-@pytest.mark.parametrize("change, diff", [
-    (["attention.ratio=[1,1,2]"], "attention.ratio=[3, 1, 6] -> [1, 1, 2]"),
-    (["attention=gqa"], "attention.method=mixsga -> gqa"),
-    (["trainer.lr=1e-3"], "trainer.lr=0.003 -> 0.001"),
-    (["trainer.max_steps=40"], "trainer.max_steps=8 -> 40"),
-    (["task.seq_len=40"], "task.seq_len=80 -> 40"),
-])
+@pytest.mark.parametrize(
+    "change, diff",
+    [
+        (["attention.ratio=[1,1,2]"], "attention.ratio=[3, 1, 6] -> [1, 1, 2]"),
+        (["attention=gqa"], "attention.method=mixsga -> gqa"),
+        (["trainer.lr=1e-3"], "trainer.lr=0.003 -> 0.001"),
+        (["trainer.max_steps=40"], "trainer.max_steps=8 -> 40"),
+        (["task.seq_len=40"], "task.seq_len=80 -> 40"),
+    ],
+)
 def test_resume_with_another_config_is_refused_with_a_diff(change, diff, checkpointed_run, monkeypatch, capsys):
     before = snapshot(checkpointed_run)
     stop_at(monkeypatch, "read_task")
@@ -189,8 +202,9 @@ def test_resume_with_another_config_is_refused_with_a_diff(change, diff, checkpo
 
 
 def test_resume_may_change_logging_and_evaluation_only(checkpointed_run):
-    from mixsga_train.run_dir import check_run_dir
     from omegaconf import OmegaConf
+
+    from mixsga_train.run_dir import check_run_dir
 
     requested = OmegaConf.to_container(OmegaConf.load(checkpointed_run / "config.yaml"))
     requested["trainer"].update(eval_batch_size=1, log_every=1, save_every=2, keep_checkpoints=5, resume="auto")
@@ -215,11 +229,14 @@ def lose_optimizer(root):
     (root / checkpoints.tag(8) / "optim_states.pt").unlink()
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (corrupt_marker, "its complete.json is unreadable"),
-    (truncate_model_state, "mp_rank_00_model_states.pt has 5 bytes, not the 70 written"),
-    (lose_optimizer, "optim_states.pt is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (corrupt_marker, "its complete.json is unreadable"),
+        (truncate_model_state, "mp_rank_00_model_states.pt has 5 bytes, not the 70 written"),
+        (lose_optimizer, "optim_states.pt is missing"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_with_one_warning(damage, reason, checkpointed_run, monkeypatch, capsys):
     from mixsga_train import pipeline
 
@@ -230,11 +247,13 @@ def test_a_damaged_newest_checkpoint_falls_back_with_one_warning(damage, reason,
         raise DataError(f"stand-in: resuming from {pipeline.check_run_dir(checkpointed_run, 'auto', warn=False)}")
 
     monkeypatch.setattr(pipeline, "init_distributed", init_distributed)
-    code, out, err = run_train_output([*SMOKE_LM, f"hydra.run.dir={checkpointed_run}", "trainer.resume=auto"],
-                                      monkeypatch, capsys)
+    code, out, err = run_train_output(
+        [*SMOKE_LM, f"hydra.run.dir={checkpointed_run}", "trainer.resume=auto"], monkeypatch, capsys
+    )
     assert code == 2 and error_lines(err) == ["error: stand-in: resuming from 4"], err[-3000:]
-    warning = (f"{root / checkpoints.tag(8)} is damaged ({reason}); "
-               "resuming from the previous complete checkpoint, step 4")
+    warning = (
+        f"{root / checkpoints.tag(8)} is damaged ({reason}); resuming from the previous complete checkpoint, step 4"
+    )
     assert (out + err).count(" is damaged (") == 1 and warning in out + err
     assert json.loads((checkpointed_run / "provenance.json").read_text()) == {"seed": 0}  # no resume entry
 
@@ -301,10 +320,12 @@ VALIDATION = {
     "huge_seed": numbers("seed=4294967296", "seed: 4294967296 is outside [0, 2**32)"),
     "generation_beyond_positions": lambda tmp_path: (
         [*SMOKE_SFT, "task.max_new_tokens=200"],
-        "task.max_new_tokens: max_prompt_len=128 + max_new_tokens=200 = 328 exceeds model.max_seq_len=256"),
+        "task.max_new_tokens: max_prompt_len=128 + max_new_tokens=200 = 328 exceeds model.max_seq_len=256",
+    ),
     "converted_model_path": lambda tmp_path: (
         [*SMOKE_LM, "model.source=local", f"model.path={converted_model(tmp_path)}"],
-        f"model.path: {tmp_path / 'converted'} holds a model already converted by mixsga-train (mixsga)"),
+        f"model.path: {tmp_path / 'converted'} holds a model already converted by mixsga-train (mixsga)",
+    ),
 }
 
 
@@ -336,9 +357,11 @@ def latin1_jsonl(tmp_path):
     head = DOLLY.read_bytes().split(b"\n")[:2]
     path.write_bytes(b"\n".join([*head, '{"instruction": "Caf\xe9?", "response": "oui"}'.encode("latin-1")]) + b"\n")
     offset = len(head[0]) + len(head[1]) + 2 + len(b'{"instruction": "Caf')
-    return ([*SMOKE_SFT, f"task.jsonl={path}"],
-            f"{path}:3: not UTF-8 (byte 0xe9 at byte offset {offset}); files must be UTF-8: "
-            f"if it is Latin-1, convert it with `iconv -f latin1 -t utf-8 {path} > converted.txt`")
+    return (
+        [*SMOKE_SFT, f"task.jsonl={path}"],
+        f"{path}:3: not UTF-8 (byte 0xe9 at byte offset {offset}); files must be UTF-8: "
+        f"if it is Latin-1, convert it with `iconv -f latin1 -t utf-8 {path} > converted.txt`",
+    )
 
 
 def utf16_corpus(tmp_path):
@@ -347,9 +370,11 @@ def utf16_corpus(tmp_path):
     (folder / "valid.txt").write_text("Some text to train on.\n" * 50, encoding="utf-16")
     (folder / "test.txt").write_text("Some text to test on.\n" * 50)
     path = folder / "valid.txt"
-    return ([*SMOKE_LM, f"task.local_dir={folder}"],
-            f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); files must be UTF-8: "
-            f"convert it with `iconv -f utf-16 -t utf-8 {path} > converted.txt`")
+    return (
+        [*SMOKE_LM, f"task.local_dir={folder}"],
+        f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); files must be UTF-8: "
+        f"convert it with `iconv -f utf-16 -t utf-8 {path} > converted.txt`",
+    )
 
 
 def ff_byte_in_valid(tmp_path):
@@ -393,18 +418,27 @@ def test_a_utf8_bom_is_accepted_everywhere(suffix, tmp_path):
 
 
 HYDRA = [
-    (["trainer.max_stepz=3"], "error: trainer.max_stepz: no such key or config group; did you mean "
-                              "'trainer.max_steps'? (to add a new key on purpose, write +trainer.max_stepz=...)"),
+    (
+        ["trainer.max_stepz=3"],
+        "error: trainer.max_stepz: no such key or config group; did you mean "
+        "'trainer.max_steps'? (to add a new key on purpose, write +trainer.max_stepz=...)",
+    ),
     (["modle=tiny_llama"], "error: modle: no such key or config group; did you mean 'model'?"),
-    (["trainer.precison=bf16"], "error: trainer.precison: no such key or config group; did you mean "
-                                "'trainer.precision'?"),
-    (["trainer.eps=1e-6"], "error: trainer.eps: a setting the shipped YAML leaves at its default; "
-                           "set it with +trainer.eps=..."),
+    (
+        ["trainer.precison=bf16"],
+        "error: trainer.precison: no such key or config group; did you mean 'trainer.precision'?",
+    ),
+    (
+        ["trainer.eps=1e-6"],
+        "error: trainer.eps: a setting the shipped YAML leaves at its default; set it with +trainer.eps=...",
+    ),
     (["model=tiny_lama"], "error: model: unknown option 'tiny_lama'; available: gemma2_2b"),
     (["model=tiny_lama"], "; did you mean 'tiny_llama'?"),
     (["attention.ratio=[1,2"], "error: attention.ratio: cannot parse 'attention.ratio=[1,2' (no viable alternative"),
-    (["seed=1,2"], "error: config: Ambiguous value for argument 'seed=1,2'; "
-                   "a comma-separated value is a sweep: add --multirun"),
+    (
+        ["seed=1,2"],
+        "error: config: Ambiguous value for argument 'seed=1,2'; a comma-separated value is a sweep: add --multirun",
+    ),
     (["-m", "seed=1,2", "trainer.max_stepz=3,4"], "error: trainer.max_stepz: no such key or config group"),
 ]
 
@@ -444,8 +478,10 @@ def test_a_signal_before_training_is_one_line_exit_130(signum, tmp_path, monkeyp
     monkeypatch.setattr(pipeline, "read_task", read_task_interrupted)
     run_dir = tmp_path / "run"
     error = one_error([*SMOKE_LM, f"hydra.run.dir={run_dir}"], monkeypatch, capsys, code=130)
-    assert error == (f"error: interrupted outside a checkpointed training step; {run_dir} keeps its last complete "
-                     "checkpoint, if any; rerun the same command with trainer.resume=auto")
+    assert error == (
+        f"error: interrupted outside a checkpointed training step; {run_dir} keeps its last complete "
+        "checkpoint, if any; rerun the same command with trainer.resume=auto"
+    )
 
 
 def test_a_second_signal_during_the_save_interrupts_at_once():
@@ -492,11 +528,17 @@ class FullDisk:
         raise self.error
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: "
-                 "file write failed"),
-], ids=["ENOSPC", "torch_inline_container"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: "
+            "file write failed"
+        ),
+    ],
+    ids=["ENOSPC", "torch_inline_container"],
+)
 def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(error, tmp_path):
     import torch
 

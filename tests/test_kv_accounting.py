@@ -3,6 +3,7 @@ bytes are summed over real prompt tokens and generated tokens before EOS only (r
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model
 from mixsga_train.attention.cache import MixedKVLayer, layer_nbytes
@@ -15,9 +16,8 @@ from mixsga_train.evaluation.kv import (
     slot_kv_bytes,
 )
 from mixsga_train.evaluation.routing_scope import evaluating
-from mixsga_train.metrics import ExpertFractions
 from mixsga_train.evaluation.suite import DECODE_TOKENS, evaluate_lm
-from tiny import tiny_model
+from mixsga_train.metrics import ExpertFractions
 
 METHODS = {
     "mixsga": dict(method="mixsga", ratio="3:1:6"),
@@ -46,9 +46,16 @@ def ragged_prompts():
 
 def generate(model, ids, mask, new, eos=None):
     with evaluating(model, "auto"):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             return_dict_in_generate=True, pad_token_id=0, eos_token_id=eos)
-    return out.cache, out.sequences[:, ids.shape[1]:]
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=eos,
+        )
+    return out.cache, out.sequences[:, ids.shape[1] :]
 
 
 def reference_slot_bytes(cache):

@@ -8,17 +8,25 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
-from mixsga_train.attention import (ATTENTION_METHODS, AttentionConfig, KVBudgetCache, convert_model, converted,
-                                    load_converted, register_attention_method, saved_attention)
+from mixsga_train.attention import (
+    ATTENTION_METHODS,
+    AttentionConfig,
+    KVBudgetCache,
+    convert_model,
+    converted,
+    load_converted,
+    register_attention_method,
+    saved_attention,
+)
 from mixsga_train.attention.heads import HeadGrouping
 from mixsga_train.attention.methods import MixedLayout, ResolvedAttention
-from mixsga_train.attention.projections import PooledHeadProjection
 from mixsga_train.attention.persistence import MODEL_TYPE
+from mixsga_train.attention.projections import PooledHeadProjection
 from mixsga_train.errors import ConfigError
 from mixsga_train.training.loop import _aux_term
-from tiny import tiny_model
 
 
 @dataclass(kw_only=True)
@@ -34,8 +42,13 @@ class FirstHeadGQA(ResolvedAttention):
     def resolve(cls, cfg, native_kv_heads, num_layers):
         if cfg.kv_heads is None or not 1 <= cfg.kv_heads <= native_kv_heads:
             raise ConfigError("attention.kv_heads", f"{cfg.kv_heads} is not in [1, {native_kv_heads}]")
-        return cls(native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=cfg.kv_heads / native_kv_heads,
-                   kv_heads=cfg.kv_heads, decode_kernel=cfg.decode_kernel)
+        return cls(
+            native_kv_heads=native_kv_heads,
+            num_layers=num_layers,
+            kv_budget=cfg.kv_heads / native_kv_heads,
+            kv_heads=cfg.kv_heads,
+            decode_kernel=cfg.decode_kernel,
+        )
 
     def detail(self) -> str:
         return f"{self.kv_heads} first-of-group KV heads"
@@ -86,10 +99,12 @@ def test_a_method_registered_in_a_test_converts_caches_saves_and_loads(toy_metho
                 heads = proj.weight.view(4, -1, proj.weight.shape[1])
                 heads[1], heads[3] = heads[0].clone(), heads[2].clone()
     ids = torch.randint(1, 96, (2, 9))
-    out = model.eval().generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                                output_logits=True)
-    ref = reference.eval().generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                                    output_logits=True)
+    out = model.eval().generate(
+        ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    ref = reference.eval().generate(
+        ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
     assert isinstance(out.past_key_values, KVBudgetCache) and torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -110,20 +125,60 @@ def test_unknown_methods_are_named_with_the_registered_ones(toy_method):
 # config.json's ``mixsga`` block as the code before the registry wrote it (printed by that code for
 # tiny_model("llama") converted with these configs): every method's keys in one flat dict.
 LEGACY = {
-    "gqa": ({"method": "gqa", "native_kv_heads": 4, "num_layers": 3, "kv_budget": 0.5, "expert_kv_heads": [2],
-             "ratio": None, "alpha": 0.0, "router_grad": "straight_through", "decode_policy": "budget",
-             "router": "learned", "cla_groups": None, "cla_init": "first", "decode_kernel": "torch"},
-            dict(method="gqa", kv_heads=2)),
-    "cla": ({"method": "cla", "native_kv_heads": 4, "num_layers": 3, "kv_budget": 0.6666666666666666,
-             "expert_kv_heads": None, "ratio": None, "alpha": 0.0, "router_grad": "straight_through",
-             "decode_policy": "budget", "router": "learned", "cla_groups": [[0, 1], [2]], "cla_init": "mean",
-             "decode_kernel": "torch"},
-            dict(method="cla", budget=2 / 3, cla_init="mean")),
-    "mixsga": ({"method": "mixsga", "native_kv_heads": 4, "num_layers": 3, "kv_budget": 0.75,
-                "expert_kv_heads": [4, 2], "ratio": [0.5, 0.5], "alpha": 0.5, "router_grad": "straight_through",
-                "decode_policy": "budget", "router": "learned", "cla_groups": None, "cla_init": "first",
-                "decode_kernel": "torch"},
-               dict(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2], alpha=0.5, router_grad="straight_through")),
+    "gqa": (
+        {
+            "method": "gqa",
+            "native_kv_heads": 4,
+            "num_layers": 3,
+            "kv_budget": 0.5,
+            "expert_kv_heads": [2],
+            "ratio": None,
+            "alpha": 0.0,
+            "router_grad": "straight_through",
+            "decode_policy": "budget",
+            "router": "learned",
+            "cla_groups": None,
+            "cla_init": "first",
+            "decode_kernel": "torch",
+        },
+        dict(method="gqa", kv_heads=2),
+    ),
+    "cla": (
+        {
+            "method": "cla",
+            "native_kv_heads": 4,
+            "num_layers": 3,
+            "kv_budget": 0.6666666666666666,
+            "expert_kv_heads": None,
+            "ratio": None,
+            "alpha": 0.0,
+            "router_grad": "straight_through",
+            "decode_policy": "budget",
+            "router": "learned",
+            "cla_groups": [[0, 1], [2]],
+            "cla_init": "mean",
+            "decode_kernel": "torch",
+        },
+        dict(method="cla", budget=2 / 3, cla_init="mean"),
+    ),
+    "mixsga": (
+        {
+            "method": "mixsga",
+            "native_kv_heads": 4,
+            "num_layers": 3,
+            "kv_budget": 0.75,
+            "expert_kv_heads": [4, 2],
+            "ratio": [0.5, 0.5],
+            "alpha": 0.5,
+            "router_grad": "straight_through",
+            "decode_policy": "budget",
+            "router": "learned",
+            "cla_groups": None,
+            "cla_init": "first",
+            "decode_kernel": "torch",
+        },
+        dict(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2], alpha=0.5, router_grad="straight_through"),
+    ),
 }
 
 
@@ -152,6 +207,7 @@ def test_the_converted_handle():
     assert converted(model) is None
     with pytest.raises(ValueError, match="not converted"):
         from mixsga_train.attention import routing_context
+
         routing_context(model)
     convert_model(model, AttentionConfig(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2], alpha=0.5))
     handle = converted(model)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from mixsga_train.attention.adapters import adapter_for, head_dim
 from mixsga_train.errors import ConfigError
 from mixsga_train.models import gguf
-from mixsga_train.attention.adapters import adapter_for, head_dim
 from mixsga_train.models.config import FAMILIES, ModelConfig
 from mixsga_train.models.loading import LOADERS, load_model, max_positions
 from mixsga_train.models.tiny import build_tiny_model, tiny_tokenizer
@@ -29,6 +29,7 @@ def native_kv_heads(config):
 
 def num_layers(config):
     return config.num_hidden_layers
+
 
 PROMPT = "The capital of France is"
 
@@ -53,8 +54,14 @@ def smollm2(tmp_path_factory):
         cached_seconds = time.perf_counter() - start
         assert len(loaded) == 1, "the second load must come from the cache, not the GGUF"
     reference = loaded[0][0]
-    yield dict(model=model, tokenizer=tokenizer, reference=reference, cache_dir=cache_dir,
-               cached_model=cached_model, cached_seconds=cached_seconds)
+    yield dict(
+        model=model,
+        tokenizer=tokenizer,
+        reference=reference,
+        cache_dir=cache_dir,
+        cached_model=cached_model,
+        cached_seconds=cached_seconds,
+    )
     shutil.rmtree(cache_dir.parent)  # 0.5 GB: do not leave it in pytest's kept temp dirs
 
 
@@ -82,7 +89,9 @@ def test_cache_reload_is_fast_and_identical(smollm2):
     assert smollm2["cached_seconds"] < 10
     cached = smollm2["cached_model"]
     assert cached.lm_head.weight is cached.model.embed_tokens.weight
-    torch.testing.assert_close(_logits(cached, smollm2["tokenizer"]), _logits(smollm2["model"], smollm2["tokenizer"]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _logits(cached, smollm2["tokenizer"]), _logits(smollm2["model"], smollm2["tokenizer"]), rtol=0, atol=0
+    )
     assert not list(smollm2["cache_dir"].parent.glob(".smollm2-135m.*")), "temporary directory left behind"
 
 
@@ -98,7 +107,7 @@ def test_greedy_answer_is_paris(smollm2):
     inputs = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert tokenizer.decode(out[0, inputs.input_ids.shape[1]:]).strip().startswith("Paris")
+    assert tokenizer.decode(out[0, inputs.input_ids.shape[1] :]).strip().startswith("Paris")
 
 
 def test_plain_model_is_trainable(smollm2):
@@ -229,13 +238,14 @@ def test_smollm2_converted_to_mixsga_1_0_matches_and_answers_the_same(smollm2):
     with torch.no_grad():
         a = model.generate(**ids, max_new_tokens=6, do_sample=False)
         b = converted.generate(**ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(a, b) and tokenizer.decode(a[0, ids.input_ids.shape[1]:]).strip().startswith("Paris")
+    assert torch.equal(a, b) and tokenizer.decode(a[0, ids.input_ids.shape[1] :]).strip().startswith("Paris")
 
 
 def test_the_tiny_builder_refuses_an_unlisted_family():
     with pytest.raises(ValueError, match="no tiny 'bert' model; families: llama, qwen2, mistral, gemma2, opt"):
-        build_tiny_model("bert", vocab_size=96, layers=1, hidden=16, heads=2, kv_heads=2, intermediate=16,
-                         max_positions=32)
+        build_tiny_model(
+            "bert", vocab_size=96, layers=1, hidden=16, heads=2, kv_heads=2, intermediate=16, max_positions=32
+        )
 
 
 def test_a_new_model_source_is_one_loaders_entry(monkeypatch):

@@ -44,7 +44,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
 def test_only_rank_0_writes_files(two_process_run):
     run_dir, proc = two_process_run
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {".hydra", "checkpoints", "config.yaml", "eval_before.json", "metrics.json", "model", "provenance.json", "train.log"}
+    assert names == {
+        ".hydra",
+        "checkpoints",
+        "config.yaml",
+        "eval_before.json",
+        "metrics.json",
+        "model",
+        "provenance.json",
+        "train.log",
+    }
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "job_logging" not in overrides  # rank 1's Hydra config (it adds this override) was not written
     log = (run_dir / "train.log").read_text()

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from tiny import FAMILIES, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mixsga_train.attention import AttentionConfig, KVBudgetCache, convert_model, converted, load_converted, routers
 from mixsga_train.attention.persistence import ARCHITECTURE, MODEL_TYPE
-from tiny import FAMILIES, tiny_model
 
 METHODS = {
     "mixsga": dict(method="mixsga", ratio="1:1:2"),

@@ -14,28 +14,57 @@ from report import build_report  # noqa: E402
 from reportlib.collect import collect  # noqa: E402
 
 
-def metrics(method, budget, ppl, seed=0, ratio=None, heads=None, alpha=1.0, router="learned", rouge=None, decode=None,
-            share=None):
+def metrics(
+    method,
+    budget,
+    ppl,
+    seed=0,
+    ratio=None,
+    heads=None,
+    alpha=1.0,
+    router="learned",
+    rouge=None,
+    decode=None,
+    share=None,
+):
     mix = method == "mixsga"
     native = 1024
     layers = 4
     return {
-        "model": "fake-llama", "task": "wikitext2", "experiment": "t", "seed": seed, "method": method,
+        "model": "fake-llama",
+        "task": "wikitext2",
+        "experiment": "t",
+        "seed": seed,
+        "method": method,
         "expert_kv_heads": heads if mix else ([int(budget * 4)] if method == "gqa" else None),
-        "ratio": ratio, "router_grad": "straight_through" if mix else None, "router": router if mix else None,
-        "alpha": alpha if mix else None, "kv_budget": budget,
-        "kv_bytes_per_token": budget * native + (layers if mix else 0), "kv_bytes_per_token_native": native,
+        "ratio": ratio,
+        "router_grad": "straight_through" if mix else None,
+        "router": router if mix else None,
+        "alpha": alpha if mix else None,
+        "kv_budget": budget,
+        "kv_bytes_per_token": budget * native + (layers if mix else 0),
+        "kv_bytes_per_token_native": native,
         "params": 1000,
-        "attention": {"method": method, "native_kv_heads": 4, "num_layers": layers, "kv_budget": budget,
-                      "cla_groups": [[0, 1], [2, 3]] if method == "cla" else None},
+        "attention": {
+            "method": method,
+            "native_kv_heads": 4,
+            "num_layers": layers,
+            "kv_budget": budget,
+            "cla_groups": [[0, 1], [2, 3]] if method == "cla" else None,
+        },
         "train": {"steps": 10, "tokens": 2560, "seconds": 2.0, "tokens_per_s": 1280.0, "final_loss": 3.0},
         "eval_before": {"ppl": ppl * 10, "ppl_causal_routing": ppl * 11},
         "eval": {
-            "ppl": ppl, "ppl_causal_routing": ppl * 1.1, "word_ppl": ppl * 3, "word_ppl_causal_routing": ppl * 3.3,
+            "ppl": ppl,
+            "ppl_causal_routing": ppl * 1.1,
+            "word_ppl": ppl * 3,
+            "word_ppl_causal_routing": ppl * 3.3,
             "kv_bytes_per_token": budget * native + (layers if mix else 0),
             "expert_fractions": {"prefill": ratio if mix else None, "decode": decode if mix else None},
-            "routing_agreement": 0.9 if mix else None, "rouge_l": rouge or {},
-            "kv_share_decode": share, "kv_bytes_per_token_decode": None if share is None else share * native,
+            "routing_agreement": 0.9 if mix else None,
+            "rouge_l": rouge or {},
+            "kv_share_decode": share,
+            "kv_bytes_per_token_decode": None if share is None else share * native,
         },
     }
 
@@ -46,13 +75,35 @@ def sweep(tmp_path):
         "mha/0": metrics("mha", 1.0, 20.0),
         "gqa/0": metrics("gqa", 0.5, 30.0),
         "cla/0": metrics("cla", 0.5, 40.0),
-        "mix/0": metrics("mixsga", 0.5, 24.0, seed=0, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], decode=[0.2, 0.2, 0.6],
-                         rouge={"dolly": 20.0, "sinst": 10.0}, share=0.55),
-        "mix/1": metrics("mixsga", 0.5, 26.0, seed=1, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], decode=[0.4, 0.0, 0.6],
-                         rouge={"dolly": 22.0, "sinst": 12.0}, share=0.57),
+        "mix/0": metrics(
+            "mixsga",
+            0.5,
+            24.0,
+            seed=0,
+            ratio=[0.3, 0.1, 0.6],
+            heads=[4, 2, 1],
+            decode=[0.2, 0.2, 0.6],
+            rouge={"dolly": 20.0, "sinst": 10.0},
+            share=0.55,
+        ),
+        "mix/1": metrics(
+            "mixsga",
+            0.5,
+            26.0,
+            seed=1,
+            ratio=[0.3, 0.1, 0.6],
+            heads=[4, 2, 1],
+            decode=[0.4, 0.0, 0.6],
+            rouge={"dolly": 22.0, "sinst": 12.0},
+            share=0.57,
+        ),
         "mix/2": metrics("mixsga", 0.25, 50.0, ratio=[0.0, 0.0, 1.0], heads=[4, 2, 1], decode=[0.0, 0.0, 1.0]),
-        "noaux/0": metrics("mixsga", 0.5, 35.0, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], alpha=0.0, decode=[0.34, 0.33, 0.33]),
-        "deep/nested/run/x": metrics("mixsga", 0.5, 33.0, ratio=[0.05, 0.85, 0.1], heads=[4, 2, 1], decode=[0.1, 0.8, 0.1]),
+        "noaux/0": metrics(
+            "mixsga", 0.5, 35.0, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], alpha=0.0, decode=[0.34, 0.33, 0.33]
+        ),
+        "deep/nested/run/x": metrics(
+            "mixsga", 0.5, 33.0, ratio=[0.05, 0.85, 0.1], heads=[4, 2, 1], decode=[0.1, 0.8, 0.1]
+        ),
     }
     for name, m in runs.items():
         (tmp_path / "sweep" / name).mkdir(parents=True)
@@ -64,8 +115,15 @@ def sweep(tmp_path):
 def test_collect_reads_every_metrics_file_recursively(sweep):
     rows = collect(sweep)
     assert len(rows) == 8
-    assert {r["config"] for r in rows} >= {"mha", "gqa 2kv", "cla 2/4 layers", "mixsga [4,2,1] 3:1:6",
-                                           "mixsga [4,2,1] 3:1:6 alpha=0", "mixsga [4,2,1] 1:17:2", "mixsga [4,2,1] 0:0:1"}
+    assert {r["config"] for r in rows} >= {
+        "mha",
+        "gqa 2kv",
+        "cla 2/4 layers",
+        "mixsga [4,2,1] 3:1:6",
+        "mixsga [4,2,1] 3:1:6 alpha=0",
+        "mixsga [4,2,1] 1:17:2",
+        "mixsga [4,2,1] 0:0:1",
+    }
 
 
 def test_report_table_csv_and_plots(sweep, tmp_path):

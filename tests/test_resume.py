@@ -85,7 +85,11 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
 
 
 def snapshot(run_dir) -> dict:
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_finished_run_dir_is_refused_before_anything_is_written(monkeypatch, capsys):

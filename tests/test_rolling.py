@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model
 from mixsga_train.config import RunConfig
@@ -12,7 +13,6 @@ from mixsga_train.data.config import TaskConfig
 from mixsga_train.evaluation.rolling import evaluate_rolling_perplexity, rolling_windows
 from mixsga_train.evaluation.suite import evaluate_lm
 from mixsga_train.models.tiny import tiny_tokenizer
-from tiny import tiny_model
 
 IDS = torch.randint(0, 96, (23,), generator=torch.Generator().manual_seed(3))
 
@@ -38,9 +38,9 @@ def test_stride_one_gives_each_token_its_full_context():
     nll = 0.0
     with torch.no_grad():
         for t in range(1, IDS.numel()):
-            context = IDS[max(0, t - (seq_len - 1)):t]
+            context = IDS[max(0, t - (seq_len - 1)) : t]
             logits = model(context[None]).logits[0, -1]
-            nll += F.cross_entropy(logits[None], IDS[t:t + 1]).item()
+            nll += F.cross_entropy(logits[None], IDS[t : t + 1]).item()
     assert result.tokens == IDS.numel() - 1
     assert result.nll_sum == pytest.approx(nll, rel=1e-5)
     assert result.word_ppl == pytest.approx(math.exp(nll / 7), rel=1e-5)

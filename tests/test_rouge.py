@@ -50,4 +50,3 @@ def test_offline_rouge_is_rouge_scores_score_multi():
         assert rouge_l_scores(predictions, references) == expected
     assert rouge_l_scores(predictions, references) == pytest.approx(expected, abs=1e-9)
     assert expected[2] == pytest.approx(100 * 2 * (2 / 4) * 1 / (2 / 4 + 1))  # "a b" fully matched: P 2/4, R 1
-

@@ -3,11 +3,10 @@ first-order loss change of moving the token there, without changing the forward 
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model, routing_context
 from mixsga_train.attention.routing import RoutingContext, TokenRouter
-
-from tiny import tiny_model
 
 COSTS = [1.0, 0.5, 0.25]
 
@@ -26,7 +25,7 @@ def test_counterfactual_gradient_is_the_kv_difference_times_the_output_gradient(
     out = (gates[..., None] * kv).sum(dim=2)
     assert torch.equal(out, kv.gather(2, router.last_ids[..., None, None].expand(-1, -1, 1, 5)).squeeze(2))
     ((out * weight) ** 2).sum().backward()
-    grad_out = 2 * out * weight ** 2
+    grad_out = 2 * out * weight**2
     selected = kv.gather(2, router.last_ids[..., None, None].expand(-1, -1, 1, 5))
     expected = ((kv - selected) * grad_out[:, :, None]).sum(-1)
     expected[..., torch.tensor(capacity) == 0] = 0.0  # experts the ratio gives no tokens get no signal

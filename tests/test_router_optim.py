@@ -3,6 +3,7 @@ rest) and no weight decay; and the router weight movement diagnostic."""
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, convert_model
 from mixsga_train.training.config import TrainerConfig
@@ -15,8 +16,6 @@ from mixsga_train.training.engine_config import (
     router_parameters,
 )
 
-from tiny import tiny_model
-
 
 def test_router_group_has_its_lr_and_no_decay_and_follows_the_schedule():
     import deepspeed
@@ -28,11 +27,19 @@ def test_router_group_has_its_lr_and_no_decay_and_follows_the_schedule():
     router = next(g for g in groups if g.get("name") == "router")
     assert {id(p) for p in router["params"]} == {id(p) for p in router_parameters(model).values()}
     assert len(router["params"]) == 4  # weight and bias of 2 layers
-    assert all(".router." not in n for g in groups if g is not router for n, p in model.named_parameters()
-               if any(p is q for q in g["params"]))
+    assert all(
+        ".router." not in n
+        for g in groups
+        if g is not router
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    )
     dist = init_distributed()
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg, dist.world_size), lr_scheduler=lr_schedule(cfg, 10)
+        model=model,
+        model_parameters=groups,
+        config=deepspeed_config(cfg, dist.world_size),
+        lr_scheduler=lr_schedule(cfg, 10),
     )
     by_name = {g.get("name", i): g for i, g in enumerate(optimizer.param_groups)}
     assert by_name["router"]["weight_decay"] == 0.0 and by_name[0]["weight_decay"] == 0.1
@@ -47,8 +54,10 @@ def test_router_group_has_its_lr_and_no_decay_and_follows_the_schedule():
     assert len(set(seen)) == 4 and max(seen) <= 1e-3  # warm-up then cosine: the schedule moves both groups
     change = relative_change(before, model)
     assert change is not None and change > 0
-    expect = (sum(float((router_parameters(model)[n] - w).pow(2).sum()) for n, w in before.items())
-              / sum(float(w.pow(2).sum()) for w in before.values())) ** 0.5
+    expect = (
+        sum(float((router_parameters(model)[n] - w).pow(2).sum()) for n, w in before.items())
+        / sum(float(w.pow(2).sum()) for w in before.values())
+    ) ** 0.5
     assert change == pytest.approx(expect)
 
 

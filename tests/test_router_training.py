@@ -4,10 +4,18 @@ import copy
 import tempfile
 
 import torch
-
-from mixsga_train.attention import (AttentionConfig, RoutingStats, aux_loss, convert_model, converted, load_converted,
-                                    routers, routing_context)
 from tiny import tiny_model
+
+from mixsga_train.attention import (
+    AttentionConfig,
+    RoutingStats,
+    aux_loss,
+    convert_model,
+    converted,
+    load_converted,
+    routers,
+    routing_context,
+)
 
 
 def agreement(model, ids):
@@ -73,8 +81,11 @@ def test_straight_through_sends_lm_gradient_to_the_router_and_aux_only_does_not(
 
 
 def test_save_and_load_round_trip_with_identical_logits():
-    for cfg in (dict(method="mixsga", ratio="1:1:2", router_grad="aux_only"), dict(method="gqa", kv_heads=1),
-                dict(method="cla", budget=0.5)):
+    for cfg in (
+        dict(method="mixsga", ratio="1:1:2", router_grad="aux_only"),
+        dict(method="gqa", kv_heads=1),
+        dict(method="cla", budget=0.5),
+    ):
         model = tiny_model("qwen2", layers=4)
         resolved = convert_model(model, AttentionConfig(**cfg))
         ids = torch.randint(0, 96, (2, 12))

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from mixsga_train.attention.budget import normalise_ratio
-from mixsga_train.attention.routing import RoutingContext, TokenRouter, capacity_counts, expert_counts, progressive_topk, router_aux_loss
+from mixsga_train.attention.routing import (
+    RoutingContext,
+    TokenRouter,
+    capacity_counts,
+    expert_counts,
+    progressive_topk,
+    router_aux_loss,
+)
 
 RHO = [0.3, 0.1, 0.6]
 COSTS = [1.0, 0.5, 0.25]  # experts [8, 4, 2] of 8 native KV heads
@@ -46,7 +53,7 @@ def test_ragged_padded_batch_counts_real_tokens_only():
     lengths = [10, 7, 3, 1]
     mask = torch.zeros(4, 10, dtype=torch.bool)
     for b, n in enumerate(lengths):
-        mask[b, 10 - n:] = True  # left padding
+        mask[b, 10 - n :] = True  # left padding
     ids = progressive_topk(torch.rand(4, 10, 3), RHO, COSTS, mask)
     for b, n in enumerate(lengths):
         real = ids[b][mask[b]]

@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from mixsga_train.attention import AttentionConfig, RoutingStats, convert_model, converted
-from mixsga_train.training.config import TrainerConfig
 from mixsga_train.errors import ConfigError
+from mixsga_train.training.config import TrainerConfig
 from mixsga_train.training.distributed import first_host, slurm_environment
 from mixsga_train.training.engine_config import built_config, deepspeed_config
 from mixsga_train.training.loop import enable_gradient_checkpointing
-from tiny import tiny_model
 
 
 def _train_step(model, checkpointing: bool):
@@ -30,9 +30,14 @@ def _train_step(model, checkpointing: bool):
     return out.loss.item(), grads, stats
 
 
-@pytest.mark.parametrize("family, attention", [("llama", dict(method="mixsga", ratio="1:1:2")),
-                                               ("qwen2", dict(method="cla", budget=0.5)),
-                                               ("gemma2", dict(method="gqa", kv_heads=2))])
+@pytest.mark.parametrize(
+    "family, attention",
+    [
+        ("llama", dict(method="mixsga", ratio="1:1:2")),
+        ("qwen2", dict(method="cla", budget=0.5)),
+        ("gemma2", dict(method="gqa", kv_heads=2)),
+    ],
+)
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, attention):
     model = tiny_model(family, layers=4)
     convert_model(model, AttentionConfig(**attention))
@@ -57,8 +62,11 @@ def test_user_deepspeed_json_is_merged_over_the_built_config(tmp_path):
     user = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_clipping": 0.5,
-        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                              "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu"},
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
         "optimizer": {"params": {"lr": "auto", "weight_decay": 0.0}},
     }
     cfg = TrainerConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, deepspeed_config=_user_json(tmp_path, user))
@@ -66,20 +74,27 @@ def test_user_deepspeed_json_is_merged_over_the_built_config(tmp_path):
     built, merged = built_config(cfg, world_size=4), deepspeed_config(cfg, world_size=4)
     assert merged["train_micro_batch_size_per_gpu"] == 3 and merged["train_batch_size"] == 3 * 2 * 4
     assert merged["gradient_clipping"] == 0.5
-    assert merged["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                           "stage3_gather_16bit_weights_on_model_save": True}
+    assert merged["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
     assert merged["optimizer"]["type"] == "AdamW" and merged["optimizer"]["params"]["lr"] == cfg.lr
     assert merged["optimizer"]["params"]["weight_decay"] == 0.0
     assert merged["optimizer"]["params"]["betas"] == built["optimizer"]["params"]["betas"]
     assert deepspeed_config(TrainerConfig(micro_batch_size=3, grad_accum=2), 4) == built_config(
-        TrainerConfig(micro_batch_size=3, grad_accum=2), 4)
+        TrainerConfig(micro_batch_size=3, grad_accum=2), 4
+    )
 
 
-@pytest.mark.parametrize("payload, message", [
-    ("{not json", "line 1: invalid JSON"),
-    ("[1, 2]", "holds a list"),
-    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler' is set by the trainer"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ("{not json", "line 1: invalid JSON"),
+        ("[1, 2]", "holds a list"),
+        ({"scheduler": {"type": "WarmupLR"}}, "'scheduler' is set by the trainer"),
+    ],
+)
 def test_bad_user_deepspeed_json_is_named_before_training(tmp_path, payload, message):
     cfg = TrainerConfig(deepspeed_config=_user_json(tmp_path, payload))
     with pytest.raises(ConfigError, match=message) as err:
@@ -100,8 +115,13 @@ SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_
 
 def test_slurm_variables_give_rank_world_size_and_master(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)  # no scontrol on this machine: parse the list
-    assert slurm_environment(SLURM) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                        "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
+    assert slurm_environment(SLURM) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": "29500",
+    }
     assert slurm_environment({**SLURM, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})["MASTER_ADDR"] == "head"
     assert slurm_environment({**SLURM, "RANK": "0"}) == {}  # a launcher (torchrun) already set the ranks
     assert slurm_environment({**SLURM, "SLURM_NTASKS": "1"}) == {}  # one task: the single-process defaults

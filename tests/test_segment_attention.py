@@ -7,16 +7,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import FAMILIES, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixsga_train.attention import AttentionConfig, convert_model, routing_context
 from mixsga_train.attention.cache import GROWTH, MIN_CAPACITY, KVBudgetCache, MixedKVLayer
 from mixsga_train.attention.heads import HeadGrouping
 from mixsga_train.attention.projections import SharedKVOwner
-from tiny import FAMILIES, tiny_model
 
-METHODS = {"mixsga": dict(method="mixsga", ratio="3:1:6"), "gqa": dict(method="gqa", kv_heads=2),
-           "cla": dict(method="cla", budget=2 / 3)}
+METHODS = {
+    "mixsga": dict(method="mixsga", ratio="3:1:6"),
+    "gqa": dict(method="gqa", kv_heads=2),
+    "cla": dict(method="cla", budget=2 / 3),
+}
 
 
 def converted(family, cfg, **kw):
@@ -27,8 +30,15 @@ def converted(family, cfg, **kw):
 
 
 def generate(model, ids, mask, new=8):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                          return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+    )
 
 
 def with_reference_read(model):
@@ -74,8 +84,9 @@ def test_the_reference_comparison_can_fail():
     assert torch.equal(got.logits[0], ref.logits[0])  # the prefill does not read the cache
 
 
-@pytest.mark.parametrize("cfg", [dict(method="gqa", kv_heads=2),
-                                 dict(method="mixsga", ratio="1:1", expert_kv_heads=[2, 1])])
+@pytest.mark.parametrize(
+    "cfg", [dict(method="gqa", kv_heads=2), dict(method="mixsga", ratio="1:1", expert_kv_heads=[2, 1])]
+)
 def test_uneven_head_groups(cfg):
     """3 native KV heads grouped into 2: one group of 2 heads, one of 1 (the segment is expanded)."""
     model = converted("llama", cfg, kv_heads=3, heads=6, hidden=48)
@@ -116,9 +127,9 @@ def test_a_row_with_no_token_in_an_expert():
         ctx = routing_context(m)
         ctx.mode = "fixed"  # the router replays the last L ids of fixed_ids[layer] for L new tokens
 
-        def forward(end, **kw):
+        def forward(end, ctx=ctx, m=m, **kw):
             ctx.fixed_ids = {layer: routed[:, :end] for layer in range(m.config.num_hidden_layers)}
-            return m(input_ids=ids[:, end - kw.pop("new"):end], **kw)
+            return m(input_ids=ids[:, end - kw.pop("new") : end], **kw)
 
         with torch.no_grad():
             out = forward(4, new=4, use_cache=True)

@@ -5,14 +5,19 @@ import json
 
 import pytest
 import yaml
+from cli import WIKITEXT, metrics, run_cli
 from omegaconf import OmegaConf
 
-from cli import WIKITEXT, metrics, run_cli
 from mixsga_train.errors import ConfigError
 from mixsga_train.sweep import finished_run, objective, ratio_at_budget
 
-TINY = ["experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "trainer.max_steps=2", "trainer.eval_before=false",
-        "attention=gqa"]
+TINY = [
+    "experiment=smoke_lm",
+    f"task.local_dir={WIKITEXT}",
+    "trainer.max_steps=2",
+    "trainer.eval_before=false",
+    "attention=gqa",
+]
 
 
 def test_a_failed_job_is_recorded_the_others_run_and_a_relaunch_skips_finished_jobs(tmp_path):
@@ -38,8 +43,17 @@ def test_a_failed_job_is_recorded_the_others_run_and_a_relaunch_skips_finished_j
 
 
 def test_optuna_minimises_the_returned_objective(tmp_path):
-    proc = run_cli(["-m", *TINY, "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2",
-                    "attention.kv_heads=choice(1,4)", f"hydra.sweep.dir={tmp_path}"])
+    proc = run_cli(
+        [
+            "-m",
+            *TINY,
+            "hydra/sweeper=optuna",
+            "hydra/sweeper/sampler=grid",
+            "hydra.sweeper.n_trials=2",
+            "attention.kv_heads=choice(1,4)",
+            f"hydra.sweep.dir={tmp_path}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     jobs = {metrics(p.parent)["expert_kv_heads"][0]: metrics(p.parent) for p in tmp_path.glob("*/metrics.json")}

@@ -7,18 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli import WIKITEXT, metrics, run_cli
-from mixsga_train.tracking import LoggerConfig
-from mixsga_train.tracking import run_name, wandb_mode
+
+from mixsga_train.tracking import LoggerConfig, run_name, wandb_mode
 
 WANDB = str(Path(sys.executable).parent / "wandb")
 
 
 def records(wandb_run_dir: Path) -> list[dict]:
     """Every record of one offline run, as W&B's inspector prints them."""
-    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(wandb_run_dir)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(wandb_run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
@@ -41,9 +45,22 @@ def run_record(recs: list[dict]) -> dict:
 
 def test_a_sweep_logs_named_runs_eval_curves_samples_a_summary_chart_and_reevaluations(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_PROJECT": "from-env"}
-    proc = run_cli(["-m", "experiment=smoke_lm", f"task.local_dir={WIKITEXT}", "logger=wandb", "attention=gqa",
-                    "attention.kv_heads=1,2", "trainer.max_steps=4", "trainer.eval_every=2",
-                    "trainer.eval_before=false", "logger.samples=2", f"hydra.sweep.dir={tmp_path}"], env_extra=env)
+    proc = run_cli(
+        [
+            "-m",
+            "experiment=smoke_lm",
+            f"task.local_dir={WIKITEXT}",
+            "logger=wandb",
+            "attention=gqa",
+            "attention.kv_heads=1,2",
+            "trainer.max_steps=4",
+            "trainer.eval_every=2",
+            "trainer.eval_before=false",
+            "logger.samples=2",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        env_extra=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     for job, kv_heads, name in (("0", 1, "gqa-25%-s0"), ("1", 2, "gqa-50%-s0")):
@@ -64,8 +81,10 @@ def test_a_sweep_logs_named_runs_eval_curves_samples_a_summary_chart_and_reevalu
         assert table["columns"] == ["prompt", "reference", "generation"] and len(table["data"]) == 2
 
     (summary,) = offline_runs(tmp_path).values()  # the sweep's summary run, in the sweep directory
-    assert (run_record(summary)["display_name"], run_record(summary)["job_type"]) == ("smoke_lm-summary",
-                                                                                      "sweep-summary")
+    assert (run_record(summary)["display_name"], run_record(summary)["job_type"]) == (
+        "smoke_lm-summary",
+        "sweep-summary",
+    )
     logged = next(row for row in history(summary) if "budget_curve.path" in row)
     assert logged["budget_curve.nrows"] == 2 and "budget_curve_chart_table.path" in logged
     table_file = next((tmp_path / "wandb").glob(f"offline-run-*/files/{logged['budget_curve.path']}"))
@@ -76,8 +95,18 @@ def test_a_sweep_logs_named_runs_eval_curves_samples_a_summary_chart_and_reevalu
         (m["kv_budget"], pytest.approx(m["eval"]["ppl_causal_routing"])) for m in jobs
     ]
 
-    again = run_cli([str(tmp_path / "0"), "task=shakespeare", "task.seq_len=80", "task.max_eval_tokens=800", "--name",
-                     "shakespeare"], module="mixsga_train.evaluate", env_extra=env)
+    again = run_cli(
+        [
+            str(tmp_path / "0"),
+            "task=shakespeare",
+            "task.seq_len=80",
+            "task.max_eval_tokens=800",
+            "--name",
+            "shakespeare",
+        ],
+        module="mixsga_train.evaluate",
+        env_extra=env,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     evaluated = json.loads((tmp_path / "0" / "shakespeare.json").read_text())["eval"]
     runs = offline_runs(tmp_path / "0")

@@ -27,9 +27,9 @@ import sys
 
 import pytest
 import torch
+from interpreter_worker import report, run_worker
 
 import mixsga_train.attention.triton_decode as _td_module
-from interpreter_worker import report, run_worker
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -195,6 +195,8 @@ KERNEL_CASES = {
         case=dict(B=1, T=50, ks=[8, 4, 2, 1], h_kv=8, n_rep=2, d=16, lengths=[33]), dtype=torch.float32, num_splits=2
     ),
 }
+
+
 def _run_kernel_case(td, name: str) -> dict:
     spec = KERNEL_CASES[name]
     q, sk, sv, ids, ei, mask = make_case(**spec["case"], dtype=spec["dtype"], seed=6)
@@ -228,7 +230,9 @@ def _run_extra_checks(td) -> dict:
     q, sk, sv, ids, ei, _ = make_case(B=1, T=8, ks=[2, 1], h_kv=2, n_rep=1, d=16, seed=8)
     for key, call in {
         "kv_shape_mismatch": lambda: td.mixed_decode_attention(q, sk, [sv[0], sv[1][:-1]], ids, ei),
-        "segment_count_mismatch": lambda: td.mixed_decode_attention(q, [sk[0][:-1], sk[1]], [sv[0][:-1], sv[1]], ids, ei),
+        "segment_count_mismatch": lambda: td.mixed_decode_attention(
+            q, [sk[0][:-1], sk[1]], [sv[0][:-1], sv[1]], ids, ei
+        ),
         "dtype_mismatch": lambda: td.mixed_decode_attention(q.double(), sk, sv, ids, ei),
     }.items():
         try:

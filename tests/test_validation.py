@@ -3,7 +3,6 @@
 import time
 
 import pytest
-
 from cli import run_cli
 from in_process import run_train
 
@@ -44,9 +43,9 @@ def test_the_real_command_exits_2_quickly(tmp_path):
 
 def test_uneven_expert_partitions_are_accepted():
     from hydra import compose, initialize_config_dir
+    from test_configs import CONF
 
     from mixsga_train.config import to_run_config
-    from test_configs import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["attention.expert_kv_heads=[4,3,1]", "attention.ratio=[1,1,1]"])

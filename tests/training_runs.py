@@ -68,12 +68,14 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, log: Path, timeou
         if step is not None:
             return step
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before its first checkpoint: {log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"the run ended (exit {proc.returncode}) before its first checkpoint: {log.read_text()[-3000:]}"
+            )
         time.sleep(0.01)
     raise AssertionError(f"no complete checkpoint in {root} after {timeout} s")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_run() -> Path:
     """The uninterrupted run of TRAIN_ARGS (trained once per session)."""
     run_dir = Path(tempfile.mkdtemp(prefix="mixsga-reference-")) / "run"

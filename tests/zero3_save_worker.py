@@ -33,4 +33,6 @@ with full_parameters(model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if dist.is_main:
         model.save_pretrained(out / "model")
-torch.save({"released": released, "parameters": len(list(model.parameters())), "state": state}, out / f"rank{dist.rank}.pt")
+torch.save(
+    {"released": released, "parameters": len(list(model.parameters())), "state": state}, out / f"rank{dist.rank}.pt"
+)

@@ -112,7 +112,8 @@ def flatten(m: RunMetrics, path: Path, root: Path) -> dict:
         "train_tokens": train.tokens if train else None,
         "train_tokens_per_s": train.tokens_per_s if train else None,
         "train_final_lm_loss": (train.final_lm_loss if train.final_lm_loss is not None else train.final_loss)
-        if train else None,
+        if train
+        else None,
         "ppl_before": before.ppl,
         "ppl_causal_before": before.ppl_causal_routing,
         "ppl": ev.ppl,

@@ -35,26 +35,32 @@ def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
     if not aggs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = ((axes[0], "ppl_causal", "causal routing, at realised decode KV", True),
-              (axes[1], "ppl", "top-k routing (paper protocol, non-causal), at nominal KV", False))
+    panels = (
+        (axes[0], "ppl_causal", "causal routing, at realised decode KV", True),
+        (axes[1], "ppl", "top-k routing (paper protocol, non-causal), at nominal KV", False),
+    )
     for ax, key, name, realised in panels:
         for series, rs in sorted(_series(aggs).items()):
-            rs = sorted([a for a in rs if a[key] is not None],
-                        key=lambda a: x_budget(a) if realised else a["kv_budget"])
+            rs = sorted(
+                [a for a in rs if a[key] is not None], key=lambda a: x_budget(a) if realised else a["kv_budget"]
+            )
             if not rs:
                 continue
             xs = [x_budget(a) if realised else 100 * a["kv_budget"] for a in rs]
             ys = [a[key] for a in rs]
             errs = [a.get(key + "_std") or 0.0 for a in rs]
             marker = MARKERS.get(rs[0]["method"], "o")
-            line = ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=series, linestyle="-" if len(xs) > 1 else "none")
+            line = ax.errorbar(
+                xs, ys, yerr=errs, marker=marker, capsize=3, label=series, linestyle="-" if len(xs) > 1 else "none"
+            )
             color = line[0].get_color()
             if realised:
                 for x, y, a in zip(xs, ys, rs):
                     if abs(x - 100 * a["kv_budget"]) > 0.05:
                         ax.plot([100 * a["kv_budget"], x], [y, y], linestyle=":", color=color, alpha=0.6)
-                        ax.scatter([100 * a["kv_budget"]], [y], marker=marker, facecolors="none", edgecolors=color,
-                                   alpha=0.6)
+                        ax.scatter(
+                            [100 * a["kv_budget"]], [y], marker=marker, facecolors="none", edgecolors=color, alpha=0.6
+                        )
             else:
                 before = [(100 * a["kv_budget"], a["ppl_before"]) for a in rs if a["ppl_before"] is not None]
                 if before:
@@ -105,23 +111,48 @@ def ratio_grid(aggs: list[dict], path: Path, title: str = "") -> Path | None:
     if not mix:
         return None
     budgets = sorted({round(a["kv_budget"], 4) for a in mix})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(max(6, 1.0 * max(len(mix), 4)) * min(len(budgets), 3) / max(1, min(len(budgets), 3)) + 2, 4.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(budgets),
+        figsize=(max(6, 1.0 * max(len(mix), 4)) * min(len(budgets), 3) / max(1, min(len(budgets), 3)) + 2, 4.5),
+        squeeze=False,
+    )
     use_rouge = any(a["rouge_l_avg"] is not None for a in mix)
     for ax, budget in zip(axes[0], budgets):
-        rs = sorted([a for a in mix if round(a["kv_budget"], 4) == budget],
-                    key=lambda a: ([float(x) for x in a["ratio"].split(":")][0] / sum(float(x) for x in a["ratio"].split(":")), a["series"]))
+        rs = sorted(
+            [a for a in mix if round(a["kv_budget"], 4) == budget],
+            key=lambda a: (
+                [float(x) for x in a["ratio"].split(":")][0] / sum(float(x) for x in a["ratio"].split(":")),
+                a["series"],
+            ),
+        )
         labels = [a["ratio"] if len({r["series"] for r in rs}) == 1 else f"{a['ratio']}\n{a['series']}" for a in rs]
         labels = [f"{label}\n{x_budget(a):.1f}% KV" for label, a in zip(labels, rs)]
         xs = list(range(len(rs)))
         if use_rouge:
-            ax.bar(xs, [a["rouge_l_avg"] or 0.0 for a in rs], yerr=[a.get("rouge_l_avg_std") or 0.0 for a in rs], capsize=3)
+            ax.bar(
+                xs, [a["rouge_l_avg"] or 0.0 for a in rs], yerr=[a.get("rouge_l_avg_std") or 0.0 for a in rs], capsize=3
+            )
             ax.set_ylabel("mean ROUGE-L over eval sets")
         else:
             w = 0.4
-            ax.bar([x - w / 2 for x in xs], [a["ppl_causal"] or 0.0 for a in rs], w,
-                   yerr=[a.get("ppl_causal_std") or 0.0 for a in rs], capsize=3, label="causal routing")
-            ax.bar([x + w / 2 for x in xs], [a["ppl"] for a in rs], w, yerr=[a.get("ppl_std") or 0.0 for a in rs],
-                   capsize=3, label="top-k (paper protocol, non-causal)", alpha=0.5)
+            ax.bar(
+                [x - w / 2 for x in xs],
+                [a["ppl_causal"] or 0.0 for a in rs],
+                w,
+                yerr=[a.get("ppl_causal_std") or 0.0 for a in rs],
+                capsize=3,
+                label="causal routing",
+            )
+            ax.bar(
+                [x + w / 2 for x in xs],
+                [a["ppl"] for a in rs],
+                w,
+                yerr=[a.get("ppl_std") or 0.0 for a in rs],
+                capsize=3,
+                label="top-k (paper protocol, non-causal)",
+                alpha=0.5,
+            )
             ax.set_ylabel("perplexity after training")
             ax.legend(fontsize=8)
         ax.set_xticks(xs, labels, rotation=45 if len(rs) > 5 else 0, fontsize=8)
@@ -153,7 +184,14 @@ def expert_fractions(aggs: list[dict], path: Path, title: str = "") -> Path | No
             bottom = 0.0
             heads = a["expert_kv_heads"] or list(range(len(fr)))
             for e, f in enumerate(fr):
-                ax.bar(x, f, 0.9, bottom=bottom, color=colors[e], label=f"expert {e} ({heads[e]} KV heads)" if i == 0 and j == 0 else None)
+                ax.bar(
+                    x,
+                    f,
+                    0.9,
+                    bottom=bottom,
+                    color=colors[e],
+                    label=f"expert {e} ({heads[e]} KV heads)" if i == 0 and j == 0 else None,
+                )
                 bottom += f
             xs.append(x)
             labels.append(f"{a['config']}\n{kind}")

@@ -6,11 +6,31 @@ import csv
 import math
 from pathlib import Path
 
-NUMERIC = ("kv_budget", "realised_kv_budget", "kv_bytes_per_token", "kv_bytes_per_token_decode", "kv_share_decode",
-           "kv_bytes_per_token_native", "kv_measured_fraction", "kv_overhead_bytes", "kv_overhead_bytes_per_layer",
-           "params", "train_steps", "train_tokens", "train_tokens_per_s",
-           "train_final_lm_loss", "ppl_before", "ppl_causal_before", "ppl", "ppl_causal", "word_ppl", "word_ppl_causal",
-           "routing_agreement", "decode_kv_budget", "rouge_l_avg")
+NUMERIC = (
+    "kv_budget",
+    "realised_kv_budget",
+    "kv_bytes_per_token",
+    "kv_bytes_per_token_decode",
+    "kv_share_decode",
+    "kv_bytes_per_token_native",
+    "kv_measured_fraction",
+    "kv_overhead_bytes",
+    "kv_overhead_bytes_per_layer",
+    "params",
+    "train_steps",
+    "train_tokens",
+    "train_tokens_per_s",
+    "train_final_lm_loss",
+    "ppl_before",
+    "ppl_causal_before",
+    "ppl",
+    "ppl_causal",
+    "word_ppl",
+    "word_ppl_causal",
+    "routing_agreement",
+    "decode_kv_budget",
+    "rouge_l_avg",
+)
 METHOD_ORDER = {"mha": 0, "gqa": 1, "cla": 2, "mixsga": 3}
 
 
@@ -45,8 +65,21 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (_model, _task, config), rs in groups.items():
         first = rs[0]
-        agg = {k: first[k] for k in ("model", "task", "method", "series", "config", "expert_kv_heads", "ratio",
-                                     "router", "router_grad", "alpha")}
+        agg = {
+            k: first[k]
+            for k in (
+                "model",
+                "task",
+                "method",
+                "series",
+                "config",
+                "expert_kv_heads",
+                "ratio",
+                "router",
+                "router_grad",
+                "alpha",
+            )
+        }
         agg["config"] = config
         agg["seeds"] = sorted(r["seed"] for r in rs if r["seed"] is not None)
         agg["n"] = len(rs)
@@ -60,8 +93,15 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for name in eval_sets(rs):
             agg["rouge_l"][name], agg["rouge_l"][name + "_std"] = mean_std([r["rouge_l"].get(name) for r in rs])
         out.append(agg)
-    out.sort(key=lambda a: (a["model"] or "", a["task"] or "", -(a["kv_budget"] or 0), METHOD_ORDER.get(a["method"], 9),
-                            a["config"]))
+    out.sort(
+        key=lambda a: (
+            a["model"] or "",
+            a["task"] or "",
+            -(a["kv_budget"] or 0),
+            METHOD_ORDER.get(a["method"], 9),
+            a["config"],
+        )
+    )
     return out
 
 
@@ -94,10 +134,19 @@ def markdown_table(aggs: list[dict]) -> str:
     """The summary table: one row per configuration, mean ± std over seeds. Causal-routing perplexity
     is the headline, next to the KV budget the run realises at decode (nominal in brackets)."""
     sets = eval_sets([{"rouge_l": {k: v for k, v in a["rouge_l"].items() if not k.endswith("_std")}} for a in aggs])
-    head = ["model", "config", "seeds", "ppl after, causal routing", "KV at decode, realised (nominal)",
-            "ppl after, top-k (paper protocol, non-causal)", "ppl before (causal / top-k)", "word ppl after (causal)",
-            "KV bytes/real token: prefill \\| decode (% native, prefill +bytes/layer)", "train tok/s",
-            "expert fractions: prefill \\| decode"] + [f"ROUGE-L {s}" for s in sets]
+    head = [
+        "model",
+        "config",
+        "seeds",
+        "ppl after, causal routing",
+        "KV at decode, realised (nominal)",
+        "ppl after, top-k (paper protocol, non-causal)",
+        "ppl before (causal / top-k)",
+        "word ppl after (causal)",
+        "KV bytes/real token: prefill \\| decode (% native, prefill +bytes/layer)",
+        "train tok/s",
+        "expert fractions: prefill \\| decode",
+    ] + [f"ROUGE-L {s}" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in aggs:
         cells = [
@@ -112,7 +161,8 @@ def markdown_table(aggs: list[dict]) -> str:
             _fmt_kv(a),
             fmt(a["train_tokens_per_s"], digits=0),
             f"{fmt_fractions(a['fractions_prefill'])} \\| {fmt_fractions(a['fractions_decode'])}"
-            if a["fractions_prefill"] else "–",
+            if a["fractions_prefill"]
+            else "–",
         ] + [fmt(a["rouge_l"].get(s), a["rouge_l"].get(s + "_std")) for s in sets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -131,21 +181,39 @@ def _fmt_kv(a: dict) -> str:
     return text
 
 
-RUN_COLUMNS = ("run", "model", "task", "method", "series", "config", "ratio", "router", "router_grad", "alpha", "seed",
-               "realised_kv_source") + NUMERIC
+RUN_COLUMNS = (
+    "run",
+    "model",
+    "task",
+    "method",
+    "series",
+    "config",
+    "ratio",
+    "router",
+    "router_grad",
+    "alpha",
+    "seed",
+    "realised_kv_source",
+) + NUMERIC
 
 
 def write_runs_csv(rows: list[dict], path: Path) -> None:
     """Every run, one line; list-valued fields joined with '/'; ROUGE-L per set as rouge_l/<set>."""
     sets = eval_sets(rows)
-    header = list(RUN_COLUMNS) + ["expert_kv_heads", "fractions_prefill", "fractions_decode"] + [f"rouge_l/{s}" for s in sets]
+    header = (
+        list(RUN_COLUMNS)
+        + ["expert_kv_heads", "fractions_prefill", "fractions_decode"]
+        + [f"rouge_l/{s}" for s in sets]
+    )
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for r in rows:
-            w.writerow([_cell(r[c]) for c in RUN_COLUMNS]
-                       + [_cell(r["expert_kv_heads"]), _cell(r["fractions_prefill"]), _cell(r["fractions_decode"])]
-                       + [_cell(r["rouge_l"].get(s)) for s in sets])
+            w.writerow(
+                [_cell(r[c]) for c in RUN_COLUMNS]
+                + [_cell(r["expert_kv_heads"]), _cell(r["fractions_prefill"]), _cell(r["fractions_decode"])]
+                + [_cell(r["rouge_l"].get(s)) for s in sets]
+            )
 
 
 def write_summary_csv(aggs: list[dict], path: Path) -> None:
@@ -153,14 +221,22 @@ def write_summary_csv(aggs: list[dict], path: Path) -> None:
     sets = eval_sets([{"rouge_l": {k: v for k, v in a["rouge_l"].items() if not k.endswith("_std")}} for a in aggs])
     cols = ["model", "task", "method", "series", "config", "ratio", "n", "seeds", "realised_kv_source"]
     nums = [c for k in NUMERIC for c in (k, k + "_std")]
-    header = cols + nums + ["fractions_prefill", "fractions_decode"] + [c for s in sets for c in (f"rouge_l/{s}", f"rouge_l/{s}_std")]
+    header = (
+        cols
+        + nums
+        + ["fractions_prefill", "fractions_decode"]
+        + [c for s in sets for c in (f"rouge_l/{s}", f"rouge_l/{s}_std")]
+    )
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for a in aggs:
-            w.writerow([_cell(a[c]) for c in cols] + [_cell(a[c]) for c in nums]
-                       + [_cell(a["fractions_prefill"]), _cell(a["fractions_decode"])]
-                       + [_cell(a["rouge_l"].get(c)) for s in sets for c in (s, s + "_std")])
+            w.writerow(
+                [_cell(a[c]) for c in cols]
+                + [_cell(a[c]) for c in nums]
+                + [_cell(a["fractions_prefill"]), _cell(a["fractions_decode"])]
+                + [_cell(a["rouge_l"].get(c)) for s in sets for c in (s, s + "_std")]
+            )
 
 
 def _cell(v):

@@ -7,8 +7,8 @@ where its layers live and in having no ``num_key_value_heads`` (it is MHA).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

@@ -20,12 +20,12 @@ def parse_ratio(ratio: str | list | tuple, key: str = "attention.ratio") -> list
         try:
             values = [float(p) for p in parts]
         except ValueError:
-            raise ConfigError(key, f"cannot parse {ratio!r}; write it as a list [3,1,6] or a string '3:1:6'")
+            raise ConfigError(key, f"cannot parse {ratio!r}; write it as a list [3,1,6] or a string '3:1:6'") from None
     else:
         try:
             values = [float(v) for v in ratio]
         except (TypeError, ValueError):
-            raise ConfigError(key, f"cannot parse {ratio!r}; write it as a list [3,1,6] or a string '3:1:6'")
+            raise ConfigError(key, f"cannot parse {ratio!r}; write it as a list [3,1,6] or a string '3:1:6'") from None
     if any(v < 0 or math.isnan(v) for v in values):
         raise ConfigError(key, f"{ratio!r} has a negative entry; every share must be >= 0")
     if sum(values) <= 0:
@@ -49,7 +49,8 @@ def mixsga_budget(ratio: list[float], expert_kv_heads: list[int], native_kv_head
     if len(ratio) != len(expert_kv_heads):
         raise ConfigError(
             "attention.ratio",
-            f"has {len(ratio)} entries but attention.expert_kv_heads has {len(expert_kv_heads)}; give one share per expert",
+            f"has {len(ratio)} entries but attention.expert_kv_heads has {len(expert_kv_heads)}; "
+            "give one share per expert",
         )
     rho = normalise_ratio(ratio)
     return sum(r * k for r, k in zip(rho, expert_kv_heads)) / native_kv_heads
@@ -138,7 +139,8 @@ def cla_sharing_groups(num_layers: int, budget: float) -> list[list[int]]:
         nearest = sorted({max(1, math.floor(owners)), min(num_layers, math.ceil(owners))})
         options = " or ".join(f"{k / num_layers:.6g} ({k} of {num_layers} layers)" for k in nearest)
         raise ConfigError(
-            "attention.budget", f"CLA cannot reach {budget} with {num_layers} layers (K/V in whole layers); use {options}"
+            "attention.budget",
+            f"CLA cannot reach {budget} with {num_layers} layers (K/V in whole layers); use {options}",
         )
     groups = round(owners)
     base, extra = divmod(num_layers, groups)

@@ -113,8 +113,9 @@ class MixedKVLayer(CacheLayerMixin):
         self.device = device
         batch = self.batch_size = key_states.shape[0]
         self.key_buffers = [key_states.new_zeros(g.kv_heads, batch, 0, key_states.shape[-1]) for g in self.groupings]
-        self.value_buffers = [value_states.new_zeros(g.kv_heads, batch, 0, value_states.shape[-1])
-                              for g in self.groupings]
+        self.value_buffers = [
+            value_states.new_zeros(g.kv_heads, batch, 0, value_states.shape[-1]) for g in self.groupings
+        ]
         self.representative = [_head_selector(g, device) for g in self.groupings]
         self.expand_index = [g.expand_index.to(device) for g in self.groupings]
         self.lengths = [0] * self.num_experts
@@ -204,7 +205,9 @@ class MixedKVLayer(CacheLayerMixin):
             slot = slots[..., e]  # [B, n]
             heads = self.key_buffers[e].shape[0]
             index = slot[None, :, :, None].expand(heads, batch, new, key_states.shape[-1])
-            self.key_buffers[e].scatter_(2, index, key_states[:, rep].transpose(0, 1))  # index_put_ on a permuted view: ~25x slower
+            self.key_buffers[e].scatter_(
+                2, index, key_states[:, rep].transpose(0, 1)
+            )  # index_put_ on a permuted view: ~25x slower
             index = slot[None, :, :, None].expand(heads, batch, new, value_states.shape[-1])
             self.value_buffers[e].scatter_(2, index, value_states[:, rep].transpose(0, 1))
             self.slot_positions[e].scatter_(1, slot, positions)
@@ -413,6 +416,13 @@ def dynamic_cache_bytes_per_token(cache: Cache) -> float:
     """Measured bytes per token of any transformers cache (e.g. the unconverted model's)."""
     layers = cache.layers
     tokens = cache.get_seq_length()
-    batch = next((l.keys.shape[0] for l in layers if l.is_initialized and l.keys is not None and l.keys.numel()), 0)
-    total = sum(layer_nbytes(l) for l in layers)
+    batch = next(
+        (
+            layer.keys.shape[0]
+            for layer in layers
+            if layer.is_initialized and layer.keys is not None and layer.keys.numel()
+        ),
+        0,
+    )
+    total = sum(layer_nbytes(layer) for layer in layers)
     return total / (tokens * batch) if tokens and batch else 0.0

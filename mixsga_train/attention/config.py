@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import ATTENTION_METHODS, ResolvedAttention
 from ..errors import ConfigError
+from .methods import ATTENTION_METHODS, ResolvedAttention
 
 __all__ = ["AttentionConfig", "ResolvedAttention"]
 

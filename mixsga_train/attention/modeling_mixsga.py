@@ -52,4 +52,3 @@ class MixSGAForCausalLM(PreTrainedModel):
     def _from_config(cls, config: MixSGAConfig, dtype=None, **kwargs):
         """A freshly initialised converted model (``AutoModelForCausalLM.from_config``)."""
         return build_converted(config.to_dict(), dtype=_dtype(dtype))
-

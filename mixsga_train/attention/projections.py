@@ -34,7 +34,11 @@ class MixedHeadProjection(nn.Linear):
         self.num_experts = len(groupings)
         for e, g in enumerate(groupings):  # head -> group index, and 1/|group| per group
             self.register_buffer(f"expand_index_{e}", g.expand_index, persistent=False)
-            self.register_buffer(f"inv_group_size_{e}", 1.0 / torch.tensor([len(h) for h in g.groups], dtype=torch.float32), persistent=False)
+            self.register_buffer(
+                f"inv_group_size_{e}",
+                1.0 / torch.tensor([len(h) for h in g.groups], dtype=torch.float32),
+                persistent=False,
+            )
         object.__setattr__(self, "router", router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,9 +67,16 @@ class PooledHeadProjection(nn.Linear):
     copied back to the native heads of its group. Out: [B, L, H_kv * d_h]; weight [k * d_h, D]."""
 
     def __init__(self, linear: nn.Linear, grouping: HeadGrouping, head_dim: int):
-        weight, bias = pool_head_weights(linear.weight.data, None if linear.bias is None else linear.bias.data, grouping, head_dim)
-        super().__init__(linear.in_features, grouping.kv_heads * head_dim, bias=bias is not None,
-                         device=weight.device, dtype=weight.dtype)
+        weight, bias = pool_head_weights(
+            linear.weight.data, None if linear.bias is None else linear.bias.data, grouping, head_dim
+        )
+        super().__init__(
+            linear.in_features,
+            grouping.kv_heads * head_dim,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         with torch.no_grad():
             self.weight.copy_(weight)
             if bias is not None:
@@ -87,7 +98,9 @@ class SharedKVOwner(nn.Linear):
     borrowers during backward, after the owner ran."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, borrowers: int):
-        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        super().__init__(
+            weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             self.weight.copy_(weight)
             if bias is not None:

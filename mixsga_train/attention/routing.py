@@ -67,8 +67,9 @@ def progressive_topk(
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
     free = token_mask.clone()
     n_real = token_mask.sum(dim=1).tolist()
-    quota = torch.tensor([capacity_counts(int(n), tuple(capacity), tuple(costs)) for n in n_real],
-                         dtype=torch.long, device=scores.device).view(batch, experts)
+    quota = torch.tensor(
+        [capacity_counts(int(n), tuple(capacity), tuple(costs)) for n in n_real], dtype=torch.long, device=scores.device
+    ).view(batch, experts)
     ids = torch.full((batch, length), experts - 1, dtype=torch.long, device=scores.device)
     positions = torch.arange(length, device=scores.device).expand(batch, length)
     for e in range(experts - 1):
@@ -94,9 +95,9 @@ def budget_decode_route(
     sequence and every prefix of its routed tokens, sum of costs <= budget * tokens (running quota).
 
     scores: [B, L, E] router logits (higher = preferred); costs: [E] KV per token (fraction of
-    native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e; spent [B] float64 and tokens [B] long:
-    this sequence's running totals, updated in place; token_mask: [B, L], False on padding (those
-    get the cheapest allowed expert and count nothing). Each token takes its preferred expert if
+    native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e; spent [B]
+    float64 and tokens [B] long: this sequence's running totals, updated in place; token_mask: [B, L],
+    False on padding (those get the cheapest allowed expert and count nothing). Each token takes its preferred expert if
     that keeps the total within quota, else the best-scoring one that does. The cheapest allowed
     expert always fits: budget is a convex combination of allowed costs, so c_min <= budget, and
     with spent <= budget * t, spent + c_min <= budget * (t + 1). Returns ids [B, L] long.
@@ -261,8 +262,10 @@ class TokenRouter(nn.Module):
             mask = None
         mode = ctx.mode
         if mode not in ROUTING_MODES or ctx.decode_policy not in DECODE_POLICIES:
-            raise ValueError(f"routing mode {mode!r} / decode policy {ctx.decode_policy!r}: choose from "
-                             f"{', '.join(ROUTING_MODES)} / {', '.join(DECODE_POLICIES)}")
+            raise ValueError(
+                f"routing mode {mode!r} / decode policy {ctx.decode_policy!r}: choose from "
+                f"{', '.join(ROUTING_MODES)} / {', '.join(DECODE_POLICIES)}"
+            )
         if mode == "auto":
             mode = "causal" if ctx.decoding else "topk"
         if mode == "causal" and ctx.decode_policy == "argmax":
@@ -294,7 +297,7 @@ class TokenRouter(nn.Module):
 
     def _assign(self, logits: torch.Tensor, mode: str, mask: torch.Tensor | None) -> torch.Tensor:
         if mode == "fixed":
-            return self.context.fixed_ids[self.layer_idx][:, -logits.shape[1]:].to(logits.device).long()
+            return self.context.fixed_ids[self.layer_idx][:, -logits.shape[1] :].to(logits.device).long()
         if self.random:
             gen = self.context.generator
             if mode == "topk":
@@ -309,8 +312,9 @@ class TokenRouter(nn.Module):
             return progressive_topk(torch.sigmoid(logits), self.capacity, self.costs, mask)
         if mode == "argmax":
             return self.argmax(logits)
-        return budget_decode_route(logits.detach(), torch.tensor(self.costs), ~self._no_capacity, self.budget,
-                                   self._spent, self._tokens, mask)
+        return budget_decode_route(
+            logits.detach(), torch.tensor(self.costs), ~self._no_capacity, self.budget, self._spent, self._tokens, mask
+        )
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Decode routing (eq. 3) over the experts that the ratio gives tokens: [B, L, E] -> [B, L]."""

@@ -67,7 +67,7 @@ def original_implementation(impl: str) -> str:
     """``sdpa`` for ``mixsga_sdpa`` / ``mixsga_triton_sdpa``; ``impl`` itself otherwise."""
     for prefix in (PREFIX + "triton_", PREFIX):
         if impl.startswith(prefix):
-            return impl[len(prefix):]
+            return impl[len(prefix) :]
     return impl
 
 
@@ -133,9 +133,9 @@ def segment_attention(layer, query: torch.Tensor, attention_mask, scaling=None, 
         return (out / norm).to(query.dtype).transpose(1, 2)
     top = torch.stack([m for _, m, _ in partials]).amax(0)
     out = norm = 0
-    for o, m, l in partials:
-        weight = torch.exp(m - top)
-        out, norm = out + weight * o, norm + weight * l
+    for partial_out, row_max, row_sum in partials:
+        weight = torch.exp(row_max - top)
+        out, norm = out + weight * partial_out, norm + weight * row_sum
     return (out / norm).to(query.dtype).transpose(1, 2)
 
 
@@ -154,16 +154,22 @@ def _segment_keep(layer, keys_length, positions, valid, mask, batch, new, device
     """[B, n, L] bool or additive float mask of one segment (None: every slot is visible)."""
     token_mask = None
     if mask is not None:  # the model's mask, at the cache positions of this segment's slots
-        token_mask = mask if positions is None else mask.gather(
-            -1, positions[:, None, :].long().expand(batch, new, keys_length))
+        token_mask = (
+            mask if positions is None else mask.gather(-1, positions[:, None, :].long().expand(batch, new, keys_length))
+        )
     elif new > 1:
         if positions is None:
             positions = torch.arange(keys_length, device=device).expand(batch, keys_length)
         token_mask = _causal(layer.seq_length - new, new, positions)
     if valid is not None:
         valid = valid[:, None, :]
-        token_mask = valid if token_mask is None else (
-            token_mask & valid if token_mask.dtype == torch.bool else token_mask.masked_fill(~valid, float("-inf")))
+        token_mask = (
+            valid
+            if token_mask is None
+            else (
+                token_mask & valid if token_mask.dtype == torch.bool else token_mask.masked_fill(~valid, float("-inf"))
+            )
+        )
     return token_mask
 
 
@@ -186,7 +192,8 @@ def _flash_partial(layer, expert: int, query, mask, scaling, softcap):
         bias = keep.to(query.dtype)[:, None, None].expand(batch, 1, rep, new, length)
         bias = bias.reshape(batch, 1, rep * new, length)  # one row per (query head of the group, token)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        grouped, keys.transpose(0, 1), values.transpose(0, 1), 0.0, False, attn_mask=bias, scale=scaling)
+        grouped, keys.transpose(0, 1), values.transpose(0, 1), 0.0, False, attn_mask=bias, scale=scaling
+    )
     out = out.reshape(batch, q_heads, new, -1).float()
     lse = lse.reshape(batch, q_heads, new, 1).float()
     if keep is not None:  # a row with no visible slot in this segment: weight 0, no NaN

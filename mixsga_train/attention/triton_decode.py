@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -208,18 +208,53 @@ if triton is not None:
 
     @triton.jit
     def _mixed_decode_kernel(
-        Q, Out, PartO, PartLse,
-        ExpertIds, RowIdx, KvMask, ExpandIdx,
-        K0, V0, K1, V1, K2, V2, K3, V3,
-        sk_r0, sk_h0, sv_r0, sv_h0,
-        sk_r1, sk_h1, sv_r1, sv_h1,
-        sk_r2, sk_h2, sv_r2, sv_h2,
-        sk_r3, sk_h3, sv_r3, sv_h3,
-        stride_qb, stride_qh,
-        stride_ob, stride_oh,
-        stride_eb, stride_et,
-        stride_mb, stride_mt,
-        T, H_KV, N_REP, D, H_Q, NUM_SPLITS, CHUNK,
+        Q,
+        Out,
+        PartO,
+        PartLse,
+        ExpertIds,
+        RowIdx,
+        KvMask,
+        ExpandIdx,
+        K0,
+        V0,
+        K1,
+        V1,
+        K2,
+        V2,
+        K3,
+        V3,
+        sk_r0,
+        sk_h0,
+        sv_r0,
+        sv_h0,
+        sk_r1,
+        sk_h1,
+        sv_r1,
+        sv_h1,
+        sk_r2,
+        sk_h2,
+        sv_r2,
+        sv_h2,
+        sk_r3,
+        sk_h3,
+        sv_r3,
+        sv_h3,
+        stride_qb,
+        stride_qh,
+        stride_ob,
+        stride_oh,
+        stride_eb,
+        stride_et,
+        stride_mb,
+        stride_mt,
+        T,
+        H_KV,
+        N_REP,
+        D,
+        H_Q,
+        NUM_SPLITS,
+        CHUNK,
         qk_scale,
         NUM_E: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -333,9 +368,14 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits_kernel(
-        PartO, PartLse, Out,
-        stride_ob, stride_oh,
-        H_Q, NUM_SPLITS, D,
+        PartO,
+        PartLse,
+        Out,
+        stride_ob,
+        stride_oh,
+        H_Q,
+        NUM_SPLITS,
+        D,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -360,7 +400,7 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=mask_d)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -486,7 +526,8 @@ def mixed_decode_attention(
     programs = B * Hkv
     splits = num_splits or _auto_num_splits(dev, programs, T, block_t)
     splits = max(1, min(int(splits), -(-T // block_t)))
-    chunk = -(-(-(-T // splits)) // block_t) * block_t  # tokens per split, a multiple of block_t
+    per_split = -(-T // splits)  # ceil(T / splits)
+    chunk = -(-per_split // block_t) * block_t  # tokens per split, rounded up to a multiple of block_t
     splits = -(-T // chunk)
 
     if splits > 1:
@@ -496,15 +537,31 @@ def mixed_decode_attention(
         part_o = part_lse = out  # unused
 
     _mixed_decode_kernel[(programs, splits)](
-        query, out, part_o, part_lse,
-        ids, row_index, mask_arg, expand,
+        query,
+        out,
+        part_o,
+        part_lse,
+        ids,
+        row_index,
+        mask_arg,
+        expand,
         *ptr_args,
         *stride_args,
-        query.stride(0), query.stride(1),
-        out.stride(0), out.stride(1),
-        ids.stride(0), ids.stride(1),
-        mask_arg.stride(0), mask_arg.stride(1),
-        T, Hkv, n_rep, d, Hq, splits, chunk,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ids.stride(0),
+        ids.stride(1),
+        mask_arg.stride(0),
+        mask_arg.stride(1),
+        T,
+        Hkv,
+        n_rep,
+        d,
+        Hq,
+        splits,
+        chunk,
         scale * math.log2(math.e),
         NUM_E=E,
         BLOCK_T=block_t,
@@ -520,9 +577,14 @@ def mixed_decode_attention(
     )
     if splits > 1:
         _merge_splits_kernel[(B * Hq,)](
-            part_o, part_lse, out,
-            out.stride(0), out.stride(1),
-            Hq, splits, d,
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            Hq,
+            splits,
+            d,
             BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_D=block_d,
             num_warps=4,

@@ -27,8 +27,10 @@ def load_documents(task: TaskConfig):
         try:
             documents = datasets.load_dataset(builder, data_files={"train": files}, split="train")
         except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
-            raise DataError(f"{origin}: cannot read it as {builder} ({type(err).__name__}); one JSON object or "
-                            "parquet row per document with a text field") from None
+            raise DataError(
+                f"{origin}: cannot read it as {builder} ({type(err).__name__}); one JSON object or "
+                "parquet row per document with a text field"
+            ) from None
     elif task.train_hub_path is not None:
         origin = f"{task.train_hub_path}:train"
         try:
@@ -41,8 +43,10 @@ def load_documents(task: TaskConfig):
     else:
         return None
     if TEXT_FIELD not in documents.column_names:
-        raise DataError(f"{origin}: no {TEXT_FIELD!r} field (has {', '.join(documents.column_names)}); "
-                        "each document needs its text under 'text'")
+        raise DataError(
+            f"{origin}: no {TEXT_FIELD!r} field (has {', '.join(documents.column_names)}); "
+            "each document needs its text under 'text'"
+        )
     if len(documents) == 0:
         raise DataError(f"{origin}: no documents")
     return documents.select_columns([TEXT_FIELD])

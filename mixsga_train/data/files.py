@@ -16,8 +16,10 @@ def read_utf8(path: Path) -> str:
     """The text of ``path`` (UTF-8, optional BOM stripped); DataError for any other encoding."""
     data = Path(path).read_bytes()
     if data.startswith(UTF16_BOMS):
-        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); files must be UTF-8: "
-                        f"convert it with `iconv -f utf-16 -t utf-8 {path} > converted.txt`")
+        raise DataError(
+            f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); files must be UTF-8: "
+            f"convert it with `iconv -f utf-16 -t utf-8 {path} > converted.txt`"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

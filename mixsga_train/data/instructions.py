@@ -81,7 +81,8 @@ def records_from_json(raw: object, where: str) -> list[InstructionRecord]:
     if not isinstance(instances, list) or not instances:
         raise DataError(f"{where}: 'instances' must be a non-empty list of {{input, output}} objects")
     return [
-        InstructionRecord(instruction, _field(inst, "input", where) or "", _references(inst, where)) for inst in instances
+        InstructionRecord(instruction, _field(inst, "input", where) or "", _references(inst, where))
+        for inst in instances
     ]
 
 

@@ -56,8 +56,9 @@ def load_text_splits(cfg: TaskConfig) -> dict[str, TextSplit]:
         splits = _hub_splits(*cfg.hub_source())
     for split in (splits["valid"], splits["test"], splits["train"]):
         if not split.text.strip():
-            raise DataError(f"{split.origin}: blank (no text, only whitespace); "
-                            "every split needs text to train or evaluate on")
+            raise DataError(
+                f"{split.origin}: blank (no text, only whitespace); every split needs text to train or evaluate on"
+            )
     return splits
 
 
@@ -170,15 +171,23 @@ def document_blocks(documents, tokenizer, seq_len: int, max_tokens: int | None =
     def cut(batch: dict) -> dict:
         flat = list(chain.from_iterable(batch["input_ids"]))
         usable = len(flat) // seq_len * seq_len
-        return {"input_ids": [flat[i:i + seq_len] for i in range(0, usable, seq_len)]}
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, usable, seq_len)]}
 
     tokenized = documents.map(
-        tokenize, batched=True, remove_columns=documents.column_names, features=ids_only,
-        new_fingerprint=Hasher.hash((documents._fingerprint, "tokenize", tokenizer_key, eos)), desc="tokenising",
+        tokenize,
+        batched=True,
+        remove_columns=documents.column_names,
+        features=ids_only,
+        new_fingerprint=Hasher.hash((documents._fingerprint, "tokenize", tokenizer_key, eos)),
+        desc="tokenising",
     )
     blocks = tokenized.map(
-        cut, batched=True, batch_size=DOCUMENTS_PER_GROUP, features=ids_only,
-        new_fingerprint=Hasher.hash((tokenized._fingerprint, "blocks", seq_len)), desc=f"{seq_len}-token blocks",
+        cut,
+        batched=True,
+        batch_size=DOCUMENTS_PER_GROUP,
+        features=ids_only,
+        new_fingerprint=Hasher.hash((tokenized._fingerprint, "blocks", seq_len)),
+        desc=f"{seq_len}-token blocks",
     )
     if len(blocks) == 0:
         raise DataError(f"{origin}: fewer than seq_len={seq_len} tokens; use a larger corpus or a smaller task.seq_len")

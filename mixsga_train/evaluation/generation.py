@@ -61,7 +61,9 @@ def generate_and_score(
     with evaluating(model, "auto") as stats, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in progress(range(0, len(examples), batch_size), "generation"):
-            prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_len) for ex in examples[start : start + batch_size]]
+            prompts = [
+                encode_prompt(tokenizer, ex.prompt, max_prompt_len) for ex in examples[start : start + batch_size]
+            ]
             input_ids, attention_mask = left_pad(prompts, pad_id)
             out = model.generate(
                 input_ids=input_ids.to(device),

@@ -115,8 +115,13 @@ class KVAccount:
         if other.decode_expert_counts is not None:
             theirs = other.decode_expert_counts
             counts = theirs if counts is None else [a + b for a, b in zip(counts, theirs)]
-        return KVAccount(self.prefill_bytes + other.prefill_bytes, self.prefill_tokens + other.prefill_tokens,
-                         self.decode_bytes + other.decode_bytes, self.decode_tokens + other.decode_tokens, counts)
+        return KVAccount(
+            self.prefill_bytes + other.prefill_bytes,
+            self.prefill_tokens + other.prefill_tokens,
+            self.decode_bytes + other.decode_bytes,
+            self.decode_tokens + other.decode_tokens,
+            counts,
+        )
 
     @property
     def prefill_bytes_per_token(self) -> float | None:
@@ -181,7 +186,9 @@ def stop_token_ids(model: nn.Module, tokenizer=None) -> set[int]:
 
 
 @torch.no_grad()
-def measure_kv_bytes_per_token(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
+def measure_kv_bytes_per_token(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> float:
     """Prefill ``input_ids`` [B, L] through ``generate`` (max_new_tokens=1, so the cache holds the
     prompt only; mixSGA routes it by top-k) and measure the cache bytes per real prompt token."""
     return measure_generation_kv(model, input_ids, attention_mask, max_new_tokens=1).prefill_bytes_per_token

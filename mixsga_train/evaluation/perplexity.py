@@ -93,7 +93,9 @@ def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
             batch = {k: v.to(device) for k, v in batch.items()}
             targets = batch.pop("labels", batch["input_ids"])[:, 1:]
             logits = model(**batch, use_cache=False).logits[:, :-1]
-            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
+            losses = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100
+            )
             nll += losses.double().sum().cpu()
             tokens += int((targets != -100).sum())
     return nll.item(), tokens, stats

@@ -27,8 +27,9 @@ def rolling_windows(ids: torch.Tensor, seq_len: int, stride: int) -> tuple[torch
     tokens = ids.tolist()
     windows, labels = [], []
     # lm-eval predicts len(token_list) tokens from max_seq_len inputs; a window here holds both (+1).
-    for inputs, targets in get_rolling_token_windows(tokens[1:], tokens[0], max_seq_len=seq_len - 1,
-                                                     context_len=seq_len - stride):
+    for inputs, targets in get_rolling_token_windows(
+        tokens[1:], tokens[0], max_seq_len=seq_len - 1, context_len=seq_len - stride
+    ):
         window = inputs + targets[-1:]
         windows.append(window)
         labels.append([-100] * (len(window) - len(targets)) + targets)
@@ -36,12 +37,20 @@ def rolling_windows(ids: torch.Tensor, seq_len: int, stride: int) -> tuple[torch
 
 
 @torch.no_grad()
-def evaluate_rolling_perplexity(model: nn.Module, windows: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                                routing: str = "topk", words: int | None = None) -> PerplexityResult:
+def evaluate_rolling_perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    routing: str = "topk",
+    words: int | None = None,
+) -> PerplexityResult:
     """Perplexity over the labelled tokens of ``rolling_windows`` (token- and, given ``words``,
     word-level), under ``routing``."""
-    batches = [{"input_ids": windows[i:i + batch_size], "labels": labels[i:i + batch_size]}
-               for i in range(0, windows.shape[0], batch_size)]
+    batches = [
+        {"input_ids": windows[i : i + batch_size], "labels": labels[i : i + batch_size]}
+        for i in range(0, windows.shape[0], batch_size)
+    ]
     result = evaluate_response_perplexity(model, batches, routing)
     if words is None:
         return result

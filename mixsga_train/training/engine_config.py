@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .config import TrainerConfig
 from ..errors import ConfigError
+from .config import TrainerConfig
 
 AUTO = "auto"
 
@@ -37,7 +37,13 @@ def built_config(cfg: TrainerConfig, world_size: int) -> dict:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "torch_adam": True},
+            "params": {
+                "lr": cfg.lr,
+                "betas": list(cfg.betas),
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": True,
+            },
         },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

@@ -15,11 +15,11 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import deepspeed
 import torch
@@ -28,11 +28,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..attention import RoutingStats, converted
-from .config import TrainerConfig
 from ..errors import EXIT_DIVERGED, EXIT_INTERRUPTED, DataError
 from ..metrics import TrainRouting
 from ..tracking import Tracker
 from . import checkpoints
+from .config import TrainerConfig
 from .distributed import Dist, all_gather_object, all_sum, barrier
 from .engine_config import deepspeed_config, lr_schedule, parameter_groups, relative_change, router_parameters
 
@@ -102,7 +102,9 @@ def steps_per_epoch(cfg: TrainerConfig, dataset_size: int, world_size: int) -> i
     return max(dataset_size // global_batch, 1)
 
 
-def micro_batch_indices(step: int, micro: int, cfg: TrainerConfig, dataset_size: int, dist: Dist, seed: int) -> list[int]:
+def micro_batch_indices(
+    step: int, micro: int, cfg: TrainerConfig, dataset_size: int, dist: Dist, seed: int
+) -> list[int]:
     """Dataset indices of rank ``dist.rank``'s micro-batch ``micro`` of optimizer step ``step``."""
     global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size
     per_epoch = steps_per_epoch(cfg, dataset_size, dist.world_size)
@@ -110,7 +112,7 @@ def micro_batch_indices(step: int, micro: int, cfg: TrainerConfig, dataset_size:
     order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     order = order * math.ceil(global_batch / dataset_size)  # a dataset smaller than one global batch repeats
     start = offset * global_batch + (micro * dist.world_size + dist.rank) * cfg.micro_batch_size
-    return order[start:start + cfg.micro_batch_size]
+    return order[start : start + cfg.micro_batch_size]
 
 
 class _StopSignal:
@@ -250,8 +252,9 @@ def train(
     return result
 
 
-def _optimizer_step(engine, dataset, collate, cfg: TrainerConfig, dist: Dist, seed: int, step: int,
-                    root: Path) -> tuple[float, float, int]:
+def _optimizer_step(
+    engine, dataset, collate, cfg: TrainerConfig, dist: Dist, seed: int, step: int, root: Path
+) -> tuple[float, float, int]:
     """Run optimizer step ``step + 1``'s micro-batches on every rank; returns its loss and LM loss
     (means over micro-batches and ranks) and the tokens of all ranks. A non-finite loss on any
     rank stops every rank before backward, so nothing of it is applied."""
@@ -280,7 +283,9 @@ def _aux_term(model: nn.Module) -> float:
     return handle.last_aux_term.item()
 
 
-def _record_step(result: TrainResult, loss: float, lm_loss: float, tokens: int, routing: list[float], seconds: float) -> None:
+def _record_step(
+    result: TrainResult, loss: float, lm_loss: float, tokens: int, routing: list[float], seconds: float
+) -> None:
     """Add one optimizer step (already reduced over ranks) to ``result``."""
     result.steps += 1
     result.tokens += tokens
@@ -297,8 +302,12 @@ def _record_step(result: TrainResult, loss: float, lm_loss: float, tokens: int, 
 def _log_step(result: TrainResult, engine, bar, tracker: Tracker) -> None:
     lr = engine.get_lr()[0]
     bar.set_postfix(loss=f"{result.final_loss:.4f}", lr=f"{lr:.2e}")
-    metrics = {"train/loss": result.final_loss, "train/lm_loss": result.final_lm_loss, "train/lr": lr,
-               "train/tokens_per_s": result.tokens_per_s}
+    metrics = {
+        "train/loss": result.final_loss,
+        "train/lm_loss": result.final_lm_loss,
+        "train/lr": lr,
+        "train/tokens_per_s": result.tokens_per_s,
+    }
     routing = result.routing()
     if routing is not None and routing.routing_agreement is not None:
         metrics["train/routing_agreement"] = routing.routing_agreement
@@ -307,9 +316,15 @@ def _log_step(result: TrainResult, engine, bar, tracker: Tracker) -> None:
 
 def _diverged_message(step: int, loss: float, root: Path) -> str:
     last = checkpoints.latest_complete(root)
-    kept = f"the last checkpoint is kept: {root / checkpoints.tag(last)}" if last is not None else "no checkpoint was saved yet"
-    return (f"loss became {loss} at step {step}; training stopped before applying it; {kept}; "
-            "lower trainer.lr (or raise trainer.warmup_ratio) and rerun in a new run dir")
+    kept = (
+        f"the last checkpoint is kept: {root / checkpoints.tag(last)}"
+        if last is not None
+        else "no checkpoint was saved yet"
+    )
+    return (
+        f"loss became {loss} at step {step}; training stopped before applying it; {kept}; "
+        "lower trainer.lr (or raise trainer.warmup_ratio) and rerun in a new run dir"
+    )
 
 
 def _rng_state() -> dict:
@@ -332,8 +347,10 @@ def _resume(engine, root: Path, step: int, dist: Dist) -> TrainResult:
         _, client = engine.load_checkpoint(str(root), tag=checkpoints.tag(step))
     except Exception as err:  # noqa: BLE001 - any failure to read the files means the same to the user
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DataError(f"{root / checkpoints.tag(step)}: cannot be loaded ({reason}); move it aside to resume from "
-                        "the previous checkpoint, or start a new run directory") from None
+        raise DataError(
+            f"{root / checkpoints.tag(step)}: cannot be loaded ({reason}); move it aside to resume from "
+            "the previous checkpoint, or start a new run directory"
+        ) from None
     _set_rng_state(client["rng"][dist.rank])
     result = TrainResult(**client["result"])
     result.resumed_from = client["step"]

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from ...errors import ConfigError
 from ..cache import MixedKVLayer, SharedKVLayer
 from ..heads import HeadGrouping
 from ..routing import RoutingContext, TokenRouter
-from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ..config import AttentionConfig
@@ -154,8 +154,13 @@ class ResolvedAttention(ABC):
 
     def summary_fields(self) -> dict:
         """The method's fields in a run's metrics.json (None where they do not apply)."""
-        return {"expert_kv_heads": self.segment_kv_heads, "ratio": None, "router_grad": None, "router": None,
-                "alpha": None}
+        return {
+            "expert_kv_heads": self.segment_kv_heads,
+            "ratio": None,
+            "router_grad": None,
+            "router": None,
+            "alpha": None,
+        }
 
     def weights_key(self) -> tuple:
         """What fixes the converted weights' shapes and meaning (a checkpoint must match it)."""

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import register_attention_method
-from .base import MixedLayout, ResolvedAttention, SharedLayout
+from ...errors import ConfigError
 from ..budget import cla_budget, cla_sharing_groups
 from ..heads import HeadGrouping
 from ..projections import SharedKVBorrower, SharedKVOwner
-from ...errors import ConfigError
+from . import register_attention_method
+from .base import MixedLayout, ResolvedAttention, SharedLayout
 
 CLA_INITS = ("first", "mean")
 
@@ -36,8 +36,14 @@ class CLAAttention(ResolvedAttention):
         if cfg.cla_init not in CLA_INITS:
             raise ConfigError("attention.cla_init", f"unknown {cfg.cla_init!r}; choose one of {', '.join(CLA_INITS)}")
         groups = cla_sharing_groups(num_layers, cfg.budget)
-        return cls(native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=cla_budget(groups),
-                   cla_groups=groups, cla_init=cfg.cla_init, decode_kernel=cfg.decode_kernel)
+        return cls(
+            native_kv_heads=native_kv_heads,
+            num_layers=num_layers,
+            kv_budget=cla_budget(groups),
+            cla_groups=groups,
+            cla_init=cfg.cla_init,
+            decode_kernel=cfg.decode_kernel,
+        )
 
     def detail(self) -> str:
         return f"{len(self.cla_groups)} K/V owners for {self.num_layers} layers"

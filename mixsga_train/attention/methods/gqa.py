@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register_attention_method
-from .base import MixedLayout, ResolvedAttention
+from ...errors import ConfigError
 from ..budget import gqa_budget, gqa_kv_heads_for_budget
 from ..heads import HeadGrouping
 from ..projections import PooledHeadProjection
-from ...errors import ConfigError
+from . import register_attention_method
+from .base import MixedLayout, ResolvedAttention
 
 
 @register_attention_method
@@ -38,8 +38,13 @@ class GQAAttention(ResolvedAttention):
             raise ConfigError(
                 "attention.budget", f"{cfg.budget} disagrees with kv_heads={k} ({budget:.4g}); give only one"
             )
-        return cls(native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=budget, kv_heads=k,
-                   decode_kernel=cfg.decode_kernel)
+        return cls(
+            native_kv_heads=native_kv_heads,
+            num_layers=num_layers,
+            kv_budget=budget,
+            kv_heads=k,
+            decode_kernel=cfg.decode_kernel,
+        )
 
     @classmethod
     def from_saved(cls, stored):

@@ -17,8 +17,9 @@ class MHAAttention(ResolvedAttention):
 
     @classmethod
     def resolve(cls, cfg, native_kv_heads, num_layers):
-        return cls(native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=1.0,
-                   decode_kernel=cfg.decode_kernel)
+        return cls(
+            native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=1.0, decode_kernel=cfg.decode_kernel
+        )
 
     def detail(self) -> str:
         return "native"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register_attention_method
-from .base import MixedLayout, ResolvedAttention
+from ...errors import ConfigError
 from ..budget import format_ratio, mixsga_budget, normalise_ratio, paper_expert_kv_heads, parse_ratio
 from ..heads import HeadGrouping
 from ..projections import MixedHeadProjection
 from ..routing import DECODE_POLICIES, RoutingContext, TokenRouter
-from ...errors import ConfigError
+from . import register_attention_method
+from .base import MixedLayout, ResolvedAttention
 
 ROUTER_GRADS = ("counterfactual", "straight_through", "aux_only")
 ROUTERS = ("learned", "random")
@@ -55,16 +55,27 @@ class MixSGAAttention(ResolvedAttention):
                 f"{cfg.budget} disagrees with ratio {format_ratio(ratio)} over experts {heads} ({budget:.4g}); "
                 "drop budget or change the ratio",
             )
-        for key, value, choices in (("router_grad", cfg.router_grad, ROUTER_GRADS),
-                                    ("decode_policy", cfg.decode_policy, DECODE_POLICIES),
-                                    ("router", cfg.router, ROUTERS)):
+        for key, value, choices in (
+            ("router_grad", cfg.router_grad, ROUTER_GRADS),
+            ("decode_policy", cfg.decode_policy, DECODE_POLICIES),
+            ("router", cfg.router, ROUTERS),
+        ):
             if value not in choices:
                 raise ConfigError(f"attention.{key}", f"unknown {value!r}; choose one of {', '.join(choices)}")
         if cfg.alpha < 0:
             raise ConfigError("attention.alpha", f"{cfg.alpha} is negative; use 0 to disable the aux loss")
-        return cls(native_kv_heads=native_kv_heads, num_layers=num_layers, kv_budget=budget, expert_kv_heads=heads,
-                   ratio=normalise_ratio(ratio), alpha=cfg.alpha, router_grad=cfg.router_grad,
-                   decode_policy=cfg.decode_policy, router=cfg.router, decode_kernel=cfg.decode_kernel)
+        return cls(
+            native_kv_heads=native_kv_heads,
+            num_layers=num_layers,
+            kv_budget=budget,
+            expert_kv_heads=heads,
+            ratio=normalise_ratio(ratio),
+            alpha=cfg.alpha,
+            router_grad=cfg.router_grad,
+            decode_policy=cfg.decode_policy,
+            router=cfg.router,
+            decode_kernel=cfg.decode_kernel,
+        )
 
     def detail(self) -> str:
         return f"{format_ratio([round(r, 6) for r in self.ratio])} over KV heads {self.expert_kv_heads}"
@@ -85,8 +96,13 @@ class MixSGAAttention(ResolvedAttention):
         return list(self.expert_kv_heads)
 
     def summary_fields(self) -> dict:
-        return {"expert_kv_heads": self.segment_kv_heads, "ratio": self.ratio, "router_grad": self.router_grad,
-                "router": self.router, "alpha": self.alpha}
+        return {
+            "expert_kv_heads": self.segment_kv_heads,
+            "ratio": self.ratio,
+            "router_grad": self.router_grad,
+            "router": self.router,
+            "alpha": self.alpha,
+        }
 
     def weights_key(self) -> tuple:
         return (*super().weights_key(), self.expert_kv_heads, [round(x, 6) for x in self.ratio])
@@ -95,8 +111,15 @@ class MixSGAAttention(ResolvedAttention):
         groupings = [HeadGrouping(self.native_kv_heads, k) for k in self.expert_kv_heads]
         weight = attn.k_proj.weight
         costs = [k / self.native_kv_heads for k in self.expert_kv_heads]
-        router = TokenRouter(target.hidden_size, self.ratio, layer_idx, target.context, self.router_grad,
-                             self.router == "random", costs=costs)
+        router = TokenRouter(
+            target.hidden_size,
+            self.ratio,
+            layer_idx,
+            target.context,
+            self.router_grad,
+            self.router == "random",
+            costs=costs,
+        )
         attn.router = router.to(device=weight.device, dtype=weight.dtype)
         attn.k_proj = MixedHeadProjection(attn.k_proj, groupings, target.head_dim, attn.router)
         attn.v_proj = MixedHeadProjection(attn.v_proj, groupings, target.head_dim, attn.router)
