@@ -133,12 +133,13 @@ def barrier() -> None:
 
 
 @contextmanager
-def full_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Every rank enters together; inside, a ZeRO-3 model's partitioned parameters are gathered in
-    full on every rank (e.g. for rank 0's ``save_pretrained``). A no-op for ZeRO 0-2."""
+def full_parameters(model: torch.nn.Module, params: list[torch.nn.Parameter] | None = None) -> Iterator[None]:
+    """Every rank enters together; inside, a ZeRO-3 model's partitioned parameters (all of them, or
+    only ``params``) are gathered in full on every rank (e.g. for rank 0's ``save_pretrained``). A
+    no-op for ZeRO 0-2."""
     import deepspeed  # not at the top: it takes seconds to import
 
-    params = list(model.parameters())
+    params = list(model.parameters()) if params is None else params
     partitioned = any(hasattr(p, "ds_id") for p in params)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
         yield

@@ -33,7 +33,7 @@ from ..metrics import TrainRouting
 from ..tracking import Tracker
 from . import checkpoints
 from .config import TrainerConfig
-from .distributed import Dist, all_gather_object, all_sum, barrier
+from .distributed import Dist, all_gather_object, all_sum, barrier, full_parameters
 from .engine_config import deepspeed_config, lr_schedule, parameter_groups, relative_change, router_parameters
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ def train(
                 tally.take()
                 engine.train()
     model.eval()
-    result.router_weight_change = relative_change(routers_before, model)
+    with full_parameters(model, list(router_parameters(model).values())):  # ZeRO-3: whole router weights
+        result.router_weight_change = relative_change(routers_before, model)
     return result
 
 
