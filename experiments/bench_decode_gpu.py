@@ -4,8 +4,11 @@ One decode step of attention for one layer (query length 1, all T cached tokens 
 
 * ``mixsga_kernel``: ``mixed_decode_attention`` as a model would call it (row index computed inside)
 * ``mixsga_kernel_core``: the same with the row index precomputed (kernel launches only)
-* ``mixsga_torch``: expand every expert segment to H_kv heads (index_select + index_copy into a
-  full [B, T, H_kv, d] buffer, token positions precomputed), then SDPA with ``enable_gqa``
+* ``mixsga_segments``: the default torch read path (``segment_attention.py``) on a ``MixedKVLayer``
+  holding the same number of tokens per expert: grouped-query attention per expert buffer at the
+  expert's head count, partial softmaxes merged by log-sum-exp (no native-size K/V)
+* ``mixsga_torch``: the old naive torch path: expand every expert segment to H_kv heads
+  (index_select + index_copy into a full [B, T, H_kv, d] buffer), then SDPA with ``enable_gqa``
 * ``gqa_sdpa``: a GQA cache with the same budget (H_kv * budget heads), SDPA
 * ``mha_sdpa``: the unconverted model's cache (H_kv heads), SDPA
 
@@ -42,7 +45,8 @@ import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-METHODS = ["mixsga_kernel", "mixsga_kernel_core", "mixsga_torch", "gqa_sdpa", "mha_sdpa"]
+sys.path.insert(0, str(RESULTS_DIR.parents[1]))  # this checkout's mixsga_train, installed or not
+METHODS = ["mixsga_kernel", "mixsga_kernel_core", "mixsga_segments", "mixsga_torch", "gqa_sdpa", "mha_sdpa"]
 E2E_METHODS = ["unconverted", "gqa_torch", "gqa_triton", "mixsga_torch", "mixsga_triton"]
 
 
@@ -150,6 +154,33 @@ def build_case(args, B: int, T: int, device, dtype, torch):
     )
 
 
+def segment_layer(case, args, torch):
+    """A ``MixedKVLayer`` holding the case's routing (random K/V), as the model's cache would after a
+    prefill, with the decode kernel's token slots; plus the kernel-read closure for checking."""
+    from types import SimpleNamespace
+
+    from mixsga_train.attention.cache import MixedKVLayer
+    from mixsga_train.attention.heads import HeadGrouping
+
+    ids = case["ids"].long()
+    B, T = ids.shape
+    groupings = [HeadGrouping(args.kv_heads, k) for k in args.expert_kv_heads]
+    router = SimpleNamespace(last_ids=ids)
+    layer = MixedKVLayer(groupings, router, decode_switch=SimpleNamespace())
+    dtype, device = case["q"].dtype, case["q"].device
+    for start in range(0, T, 1024):  # chunks keep the transient native-size K/V small
+        n = min(1024, T - start)
+        router.last_ids = ids[:, start:start + n]
+        k = torch.randn(B, args.kv_heads, n, args.head_dim, device=device, dtype=dtype)
+        layer.update(k, torch.randn_like(k))
+    return layer
+
+
+def segment_read(layer, q, segment_attention):
+    """q [B, H_q, d] -> [B, H_q, d] through the default torch read path."""
+    return segment_attention(layer, q[:, :, None], None)[:, 0]
+
+
 def torch_expand_sdpa(q, seg_k, seg_v, expand, positions, B, T, torch, F):
     """The naive torch path: expand each segment to H_kv heads, scatter into a full cache, SDPA."""
     Hkv, d = expand.shape[1], q.shape[-1]
@@ -181,6 +212,8 @@ def bytes_for(method: str, case, B: int, T: int, args, elsize: int) -> dict:
         # K/V once at expert granularity + ids + int32 row index; the full call also builds the
         # row index (one-hot cumsum, ~E*(4+4) B/token written and read), not counted here
         return dict(kv_cache=mixed + ids, read=mixed + ids + 4 * B * T, written=0)
+    if method == "mixsga_segments":  # K/V once at expert granularity (+ int32 slot positions)
+        return dict(kv_cache=mixed + 5 * ids, read=mixed + 4 * ids, written=0)
     if method == "mixsga_torch":  # read segments, write the full cache, SDPA reads it back
         return dict(kv_cache=mixed + ids, read=mixed + full, written=full)
     if method == "gqa_sdpa":
@@ -227,6 +260,7 @@ def run_op_bench(args, torch, F) -> None:
     """One layer's decode-step attention for each method (the original benchmark)."""
     import triton.testing
 
+    from mixsga_train.attention.segment_attention import segment_attention
     from mixsga_train.attention.triton_decode import mixed_decode_attention, segment_row_index
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -263,7 +297,10 @@ def run_op_bench(args, torch, F) -> None:
             case = build_case(args, B, T, device, dtype, torch)
             q, ids, sk, sv, expand = case["q"], case["ids"], case["seg_k"], case["seg_v"], case["expand"]
             rows_idx = segment_row_index(ids, E)
+            layer = segment_layer(case, args, torch)
+            lk, lv, lrows = layer.kernel_segments()
             fns = {
+                "mixsga_segments": lambda: segment_read(layer, q, segment_attention),
                 "mixsga_kernel": lambda: mixed_decode_attention(q, sk, sv, ids, expand),
                 "mixsga_kernel_core": lambda: mixed_decode_attention(q, sk, sv, ids, expand, row_index=rows_idx),
                 "mixsga_torch": lambda: torch_expand_sdpa(q, sk, sv, expand, case["positions"], B, T, torch, F),
@@ -277,6 +314,12 @@ def run_op_bench(args, torch, F) -> None:
             checks.append(dict(batch=B, context=T, max_abs_err_kernel_vs_torch=err))
             if err > (2e-2 if dtype != torch.float32 else 1e-4):
                 print(f"WARNING: B={B} T={T}: kernel and torch path differ by {err:.3g}", file=sys.stderr)
+            # the segment read vs the kernel on the layer's own buffers
+            seg_err = (segment_read(layer, q, segment_attention).float() - mixed_decode_attention(
+                q, lk, lv, layer.kernel_expert_ids(), layer.expand_table, row_index=lrows).float()).abs().max().item()
+            checks[-1]["max_abs_err_kernel_vs_segments"] = seg_err
+            if seg_err > (2e-2 if dtype != torch.float32 else 1e-4):
+                print(f"WARNING: B={B} T={T}: kernel and segment read differ by {seg_err:.3g}", file=sys.stderr)
             del out_k, out_t
             for name in METHODS:
                 t = time_ms(fns[name])
@@ -293,7 +336,7 @@ def run_op_bench(args, torch, F) -> None:
                 rows.append(row)
                 g = f" graph {t['ms_graph'] * 1e3:8.1f} us" if t["ms_graph"] else ""
                 print(f"B={B:3d} T={T:5d} {name:20s} {t['ms'] * 1e3:9.1f} us{g}  read {fmt_bytes(by['read'])}")
-            del case, fns
+            del case, fns, layer, lk, lv, lrows
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -308,6 +351,9 @@ def run_op_bench(args, torch, F) -> None:
                     for col in ("ms", "ms_graph"):
                         a, b = key[(kern, B, T)][col], key[(other, B, T)][col]
                         entry[f"{kern}/{other}" + ("" if col == "ms" else "_graph")] = (a / b) if a and b else None
+            for col in ("ms", "ms_graph"):  # the torch segment read against GQA's SDPA (> 1: slower)
+                a, b = key[("mixsga_segments", B, T)][col], key[("gqa_sdpa", B, T)][col]
+                entry["mixsga_segments/gqa_sdpa" + ("" if col == "ms" else "_graph")] = (a / b) if a and b else None
             ratios.append(entry)
     print("\ntime ratios (kernel / other; < 1 = kernel faster), eager [cuda-graph]:")
     for ent in ratios:
@@ -390,6 +436,10 @@ def markdown(meta, rows, ratios, checks) -> str:
             f"{f(e['mixsga_kernel/gqa_sdpa_graph'])} | {f(e['mixsga_kernel/mixsga_torch_graph'])} | "
             f"{f(e['mixsga_kernel/mha_sdpa_graph'])} |"
         )
+    out += ["", "Segment read (default torch path) / GQA SDPA step time: " + ", ".join(
+        f"B{e['batch']}/T{e['context']}: {f(e['mixsga_segments/gqa_sdpa'])}" for e in ratios), ""]
+    out += ["", "Max |kernel - segment read| per shape: " + ", ".join(
+        f"B{c['batch']}/T{c['context']}: {c['max_abs_err_kernel_vs_segments']:.2g}" for c in checks), ""]
     out += ["", "Max |kernel - torch path| per shape: " + ", ".join(
         f"B{c['batch']}/T{c['context']}: {c['max_abs_err_kernel_vs_torch']:.2g}" for c in checks), ""]
     out += [

@@ -1,6 +1,6 @@
 """`make bench-replica`: the paper's exact three-expert setting, small enough for a CPU.
 
-1. Pretrain a small MHA Llama from scratch (conf/model/tiny_llama_mha8.yaml: 4 layers x 256,
+1. Pretrain a small MHA Llama from scratch (mixsga_train/conf/model/tiny_llama_mha8.yaml: 4 layers x 256,
    8 query / 8 KV heads, byte-level tokenizer) on the offline Shakespeare corpus with attention=mha.
    The pipeline saves the final weights to <run_dir>/model.
 2. Load them back (model.source=local model.path=<run_dir>/model) and continue training, same seed,

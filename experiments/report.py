@@ -49,10 +49,14 @@ def build_report(sweep: Path, out: Path, title: str | None = None) -> dict:
             sections.append(f"### {caption}\n\n![{caption}]({name})\n")
     text = [f"# {title or 'Sweep report'}\n",
             f"{len(rows)} runs, {len(aggs)} configurations, read from `{sweep}`. Numbers after training unless "
-            "marked 'before'; ± is the sample std over seeds. 'top-k' routes each evaluation block by progressive "
-            "top-k over the whole block (the paper's protocol); 'causal' routes every token by its own argmax (the "
-            "streaming number). KV bytes are measured from the cache after a one-block prefill; the signed number "
-            "is the measured bytes minus budget x native, per layer (mixSGA stores a 1-byte expert id per token per layer).\n",
+            "marked 'before'; ± is the sample std over seeds. The headline is perplexity under causal routing (every "
+            "token routed from its own past only, as in streaming decoding), placed at the KV budget the run REALISES "
+            "at decode (measured bytes per real generated token / native; 'from fractions' where only the decode "
+            "expert fractions were recorded), the nominal budget in brackets. 'top-k' routes each evaluation block by "
+            "progressive top-k over the whole block (the paper's protocol): it is not causal, a token's expert depends "
+            "on later tokens. KV bytes are measured from the cache per real token (no padding, nothing from EOS on); "
+            "the signed number is the prefill bytes minus budget x native, per layer (mixSGA stores a 1-byte expert "
+            "id per token per layer).\n",
             markdown_table(aggs), *sections]
     files["report.md"].write_text("\n".join(text))
     return {"rows": rows, "aggregates": aggs, "files": files}

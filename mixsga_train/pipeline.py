@@ -13,21 +13,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from .attention import convert_model
 from .attention.config import ResolvedAttention
 from .config import RunConfig
 from .data.config import TaskConfig
-from .data.instructions import SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
-from .data.text import LMBlockDataset, TextSplit, count_words, lm_blocks, load_text_splits
+from .data.documents import load_documents
+from .data.instructions import EvalExample, SFTCollator, SFTDataset, load_eval_sets, load_sft_splits
+from .data.text import (DocumentBlockDataset, LMBlockDataset, TextSplit, count_words, document_blocks, lm_blocks,
+                        load_text_splits, tokenize_corpus)
+from .evaluation.generation import generate_and_score
+from .evaluation.rolling import rolling_windows
 from .evaluation.kv import native_kv_bytes_per_token
+from .evaluation.perplexity import scored_words
 from .evaluation.suite import evaluate_lm, evaluate_sft
 from .models.registry import load_model
-from .run_dir import EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, write_json_atomic
-from .tracking import start_tracker
-from .training.distributed import Dist, init_distributed
-from .training.loop import train
+from .run_dir import (EVAL_BEFORE, METRICS, check_run_dir, read_json, record_provenance, storage_error, write_config,
+                      write_json_atomic)
+from .tracking import run_name, start_tracker
+from .training.distributed import Dist, full_parameters, init_distributed, main_process_first
+from .training.loop import total_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class TaskData:
     collate: object
     eval_blocks: torch.Tensor | None = None
     eval_words: int | None = None
+    eval_labels: torch.Tensor | None = None  # rolling windows (task.stride < seq_len): -100 on context tokens
     test_batches: list | None = None
     eval_sets: dict | None = None
 
@@ -47,9 +53,10 @@ class TaskData:
 @dataclass
 class RawTask:
     """A task's data as read, before tokenising: text splits (``lm``) or record splits and
-    ROUGE-L sets (``sft``)."""
+    ROUGE-L sets (``sft``); for an ``lm`` task with a document corpus, its training documents too."""
 
     text: dict[str, TextSplit] | None = None
+    documents: object = None  # datasets.Dataset of training documents (task.train_hub_path / train_files)
     records: dict | None = None
     eval_sets: dict | None = None
 
@@ -57,21 +64,30 @@ class RawTask:
 def read_task(task: TaskConfig) -> RawTask:
     """Read (and so check) a task's files or Hub data; needs no tokenizer or model."""
     if task.kind == "lm":
-        return RawTask(text=load_text_splits(task))
+        return RawTask(text=load_text_splits(task), documents=load_documents(task))
     records = load_sft_splits(task)
     return RawTask(records=records, eval_sets=load_eval_sets(task, records["test"]))
 
 
 def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> TaskData:
-    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``)."""
+    """Tokenised train/eval data of an ``lm`` or ``sft`` task (``raw``: already read by ``read_task``).
+    A document corpus is not tokenised here (``train`` is None): ``document_train_set`` does it once
+    the process group exists."""
     task = cfg.task
     raw = raw if raw is not None else read_task(task)
     if task.kind == "lm":
         splits = raw.text
-        train_blocks = lm_blocks(splits["train"].text, tokenizer, task.seq_len, task.max_train_tokens, splits["train"].origin)
+        train = None
+        if raw.documents is None:
+            train_split = splits["train"]
+            blocks = lm_blocks(train_split.text, tokenizer, task.seq_len, task.max_train_tokens, train_split.origin)
+            train = LMBlockDataset(blocks)
         eval_blocks = lm_blocks(splits["test"].text, tokenizer, task.seq_len, task.max_eval_tokens, splits["test"].origin)
-        evaluated_text = tokenizer.decode(eval_blocks.flatten().tolist())
-        return TaskData(LMBlockDataset(train_blocks), _stack, eval_blocks, count_words(evaluated_text))
+        if task.eval_stride() < task.seq_len:
+            stream = tokenize_corpus(splits["test"].text, tokenizer, task.max_eval_tokens)
+            windows, labels = rolling_windows(stream, task.seq_len, task.eval_stride())
+            return TaskData(train, _stack, windows, count_words(tokenizer.decode(stream.tolist())), labels)
+        return TaskData(train, _stack, eval_blocks, scored_words(tokenizer, eval_blocks))
     splits = raw.records
     collate = SFTCollator(tokenizer.pad_token_id)
     test = SFTDataset(splits["test"][: task.eval_max_examples], tokenizer, task.max_len, task.max_prompt_len)
@@ -85,13 +101,22 @@ def load_task_data(cfg: RunConfig, tokenizer, raw: RawTask | None = None) -> Tas
     )
 
 
+def document_train_set(task: TaskConfig, documents, tokenizer, is_main: bool) -> DocumentBlockDataset:
+    """The training blocks of a document corpus: rank 0 tokenises into the ``datasets`` cache
+    first, then the other ranks load it (``main_process_first``)."""
+    origin = task.train_files or task.train_hub_path
+    with main_process_first(is_main):
+        blocks = document_blocks(documents, tokenizer, task.seq_len, task.max_train_tokens, origin)
+    return DocumentBlockDataset(blocks)
+
+
 def _stack(items: list[dict]) -> dict:
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
 
 def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> dict:
     if cfg.task.kind == "lm":
-        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size)
+        return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size, data.eval_labels)
     return evaluate_sft(model, tokenizer, data.test_batches, data.eval_sets, cfg.task, cfg.trainer.eval_batch_size, cfg.seed)
 
 
@@ -105,31 +130,61 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     Every rank runs all of it (evaluation is replicated, so every rank computes the same
     metrics); only rank 0 writes files and tracks.
     """
-    resume_step = check_run_dir(run_dir, cfg.trainer.resume)
+    resume_step = check_run_dir(run_dir, cfg.trainer.resume, config_yaml)
     raw = read_task(cfg.task)
     model, tokenizer = load_model(cfg.model)
     data = load_task_data(cfg, tokenizer, raw)
     dist = init_distributed()
+    if raw.documents is not None:
+        data.train = document_train_set(cfg.task, raw.documents, tokenizer, dist.is_main)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_yaml))
+        write_config(run_dir, config_yaml)
         record_provenance(run_dir, cfg.seed, resume_step)
     torch.manual_seed(cfg.seed)
     convert_model(model, resolved)
     model.to(dist.device)
     log.info("%s", resolved.describe())
-    tracker = start_tracker(cfg.logger, run_dir, run_dir.name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main)
-    before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
-    result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step)
+    name = run_name(resolved.method, resolved.kv_budget, resolved.ratio, cfg.seed)
+    tracker = start_tracker(cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml,
+                            dist.is_main)
+    if cfg.trainer.max_steps == 0:
+        print("trainer.max_steps=0: evaluation only, nothing is trained or checkpointed", flush=True)
+        before, result = None, None
+    else:
+        before = evaluate_before(model, tokenizer, data, cfg, run_dir, resume_step, dist, tracker)
+        last_step = total_steps(cfg.trainer, len(data.train), dist.world_size)
+
+        def evaluate_during_training(step: int) -> None:  # the last step's evaluation follows training
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < last_step:
+                track_eval(tracker, "eval", evaluate(model, tokenizer, data, cfg), step)
+
+        result = train(model, data.train, data.collate, cfg.trainer, run_dir, dist, tracker, cfg.seed, resume_step,
+                       on_step=evaluate_during_training)
     after = evaluate(model, tokenizer, data, cfg)
+    track_eval(tracker, "eval", after, result.steps if result is not None else 0)
+    if tracker.active and cfg.logger.samples:
+        tracker.table("samples", ["prompt", "reference", "generation"], generation_samples(model, tokenizer, data, cfg))
     metrics = assemble_metrics(cfg, resolved, model, before, after, result)
+    with full_parameters(model):  # ZeRO-3: the saved weights are the gathered, not the partitioned, ones
+        if dist.is_main:
+            save_model(model, tokenizer, run_dir / "model")
     if dist.is_main:
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
         write_json_atomic(run_dir / METRICS, metrics)
     tracker.summary(metrics)
     tracker.finish()
     return metrics
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of the model and tokenizer; a failed write (disk full) is one line naming the folder."""
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except (OSError, RuntimeError) as err:
+        if not isinstance(err, OSError) and "inline_container" not in str(err):
+            raise
+        raise storage_error(folder, err if isinstance(err, OSError) else OSError(str(err))) from None
 
 
 def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: Path, resume_step: int | None,
@@ -144,12 +199,37 @@ def evaluate_before(model, tokenizer, data: TaskData, cfg: RunConfig, run_dir: P
     before = evaluate(model, tokenizer, data, cfg)
     if dist.is_main:
         write_json_atomic(run_dir / EVAL_BEFORE, before)
-    tracker.log({f"eval_before/{k}": v for k, v in before.items() if isinstance(v, float)}, step=0)
+    track_eval(tracker, "eval_before", before, 0)
     return before
 
 
+def track_eval(tracker, prefix: str, results: dict, step: int) -> None:
+    """Log an evaluation's numbers (perplexities, KV bytes, ROUGE-L per set) as curves at ``step``."""
+    numbers = {f"{prefix}/{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers.update({f"{prefix}/rouge_l/{k}": v for k, v in (results.get("rouge_l") or {}).items()})
+    tracker.log(numbers, step=step)
+
+
+def generation_samples(model, tokenizer, data: TaskData, cfg: RunConfig) -> list[list[str]]:
+    """``logger.samples`` greedy generations for the W&B table, as rows [prompt, reference,
+    generation]: the first examples of the first eval set (SFT), or the first test blocks cut into
+    a prompt and its true continuation (LM)."""
+    n, max_new = cfg.logger.samples, cfg.task.max_new_tokens
+    if cfg.task.kind == "sft":
+        examples = list(next(iter(data.eval_sets.values())))[:n]
+    else:
+        half = data.eval_blocks.shape[1] // 2
+        max_new = min(max_new, data.eval_blocks.shape[1] - half)
+        examples = [EvalExample(tokenizer.decode(block[:half]), [tokenizer.decode(block[half:half + max_new])])
+                    for block in data.eval_blocks[:n]]
+    prompt_len = cfg.task.max_prompt_len if cfg.task.kind == "sft" else data.eval_blocks.shape[1]
+    result = generate_and_score(model, tokenizer, examples, max_new, cfg.trainer.eval_batch_size, prompt_len,
+                                seed=cfg.seed)
+    return [[ex.prompt, ex.references[0], pred] for ex, pred in zip(examples, result.predictions)]
+
+
 def assemble_metrics(cfg: RunConfig, resolved: ResolvedAttention, model, before, after, result) -> dict:
-    """The metrics.json contract (design.md section 6)."""
+    """The metrics.json contract (docs/metrics.md)."""
     dtype = next(model.parameters()).dtype
     train_block = None
     if result is not None:

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from cli import DOLLY, WIKITEXT
+from in_process import error_lines, run_train
 from mixsga_train.training import checkpoints
 from training_runs import run
 
@@ -49,18 +50,27 @@ def train_in_process(argv, monkeypatch, capsys, *, stop_at: str = "init_distribu
     under test must come before it (``load_model``: before any model loads; ``init_distributed``:
     before training is set up and anything is written).
     """
-    from mixsga_train import pipeline, train
+    from mixsga_train import pipeline
 
     def reached(*args, **kwargs):
         raise Loaded(f"pipeline reached {stop_at}")
 
     monkeypatch.setattr(pipeline, stop_at, reached)
-    monkeypatch.setattr(sys, "argv", ["mixsga-train", *argv, "logger=none"])
-    with pytest.raises(SystemExit) as exit_info:
-        train.main()
-    stderr = capsys.readouterr().err
+    code, stderr = run_train([*argv, "logger=none"], monkeypatch, capsys)
     assert "Traceback" not in stderr, stderr[-3000:]
-    return exit_info.value.code, [line for line in stderr.splitlines() if line.startswith("error: ")]
+    return code, error_lines(stderr)
+
+
+def saved_config(argv: list[str], run_dir) -> None:
+    """Write ``run_dir/config.yaml`` as a run of ``mixsga-train ARGV`` would have saved it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mixsga_train.cli_checks import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=argv)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def corpus(tmp_path, valid: str, test: str | None = "some test text\n"):
@@ -92,7 +102,8 @@ def case_empty_jsonl(tmp_path):
 
 def case_empty_corpus(tmp_path):
     folder = corpus(tmp_path, valid="")
-    return [*SMOKE_LM, f"task.local_dir={folder}"], "init_distributed", f"{folder / 'valid.txt'} (as train): 0 tokens", "smaller task.seq_len"
+    return ([*SMOKE_LM, f"task.local_dir={folder}"], "load_model", f"{folder / 'valid.txt'}: blank",
+            "every split needs text")
 
 
 def case_too_short_corpus(tmp_path):
@@ -128,8 +139,10 @@ CASES = [case_malformed_jsonl, case_empty_jsonl, case_empty_corpus, case_too_sho
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, existing_run, tmp_path, monkeypatch, capsys):
     argv, stop_at, where, fix = case(tmp_path)
+    argv = [*argv, f"hydra.run.dir={existing_run}", "trainer.resume=auto"]
+    saved_config([*argv, "logger=none"], existing_run)  # resuming checks the run's own config.yaml
     before = snapshot(existing_run)
-    code, errors = train_in_process([*argv, f"hydra.run.dir={existing_run}", "trainer.resume=auto"], monkeypatch, capsys, stop_at=stop_at)
+    code, errors = train_in_process(argv, monkeypatch, capsys, stop_at=stop_at)
     assert code == 2 and len(errors) == 1, errors
     assert where in errors[0] and fix in errors[0], errors[0]
     after = snapshot(existing_run)

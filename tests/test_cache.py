@@ -79,7 +79,9 @@ def test_measured_bytes_equal_budget_plus_id_bytes(ratio, budget):
     model = converted(tiny_model("llama"), method="mixsga", ratio=ratio)
     _, cache = greedy(model, torch.randint(1, 96, (2, 20)), new=1)  # prefill only: 20 tokens, exact shares
     assert cache.get_seq_length() == 20
-    assert cache.kv_bytes_per_token() == pytest.approx(budget * NATIVE_BYTES + LAYERS * 1)
+    # per token and layer: K/V at the budget, a uint8 expert id and an int32 slot position
+    assert cache.kv_bytes_per_token() == pytest.approx(budget * NATIVE_BYTES + LAYERS * (1 + 4))
+    assert cache.nbytes_reserved() >= cache.nbytes()
 
 
 @pytest.mark.parametrize("cfg, budget", [(dict(method="gqa", kv_heads=1), 0.25), (dict(method="gqa", kv_heads=2), 0.5),
@@ -111,7 +113,11 @@ def test_cache_stores_each_token_at_its_experts_head_count():
     _, cache = greedy(model, torch.randint(1, 96, (1, 10)), new=1)
     layer = cache.layers[1]
     assert isinstance(layer, MixedKVLayer) and layer.expert_ids.dtype == torch.uint8
-    assert [tuple(s.shape) for s in layer.segment_keys] == [(3, 4, 8), (1, 2, 8), (6, 1, 8)]
+    assert layer.counts.tolist() == [[3, 1, 6]]
+    assert [tuple(k.shape[:2]) + (k.shape[3],) for k in layer.key_buffers] == [(4, 1, 8), (2, 1, 8), (1, 1, 8)]
+    for e, count in enumerate((3, 1, 6)):  # each expert's slots hold the positions of its tokens, in order
+        positions = (layer.expert_ids[0] == e).nonzero().flatten().tolist()
+        assert layer.slot_positions[e][0, :count].tolist() == positions
 
 
 def test_build_cache_is_the_generate_default_and_can_be_passed_explicitly():

@@ -29,10 +29,14 @@ def test_lm_run_trains_through_deepspeed_and_writes_real_metrics(lm_run):
     assert m["kv_bytes_per_token_native"] == 2 * 2 * 4 * 16 * 4
     fractions = after["expert_fractions"]["prefill"]
     assert fractions == pytest.approx([0.3, 0.1, 0.6])
+    assert sum(after["expert_fractions"]["decode"]) == pytest.approx(1.0) and after["decode_tokens"] > 0
+    native = m["kv_bytes_per_token_native"]
+    assert after["kv_share_decode"] == pytest.approx(after["kv_bytes_per_token_decode"] / native)
     assert 0 <= after["routing_agreement"] <= 1
     assert (run_dir / "config.yaml").is_file() and (run_dir / "provenance.json").is_file()
     assert (run_dir / "model" / "config.json").is_file()
-    assert "perplexity after training" in proc.stdout and "KV bytes per token" in proc.stdout
+    assert "perplexity after training:  " in proc.stdout and "causal routing; top-k" in proc.stdout
+    assert "KV bytes per real token, decode" in proc.stdout
 
 
 def test_standalone_evaluate_reproduces_the_run_metrics(lm_run):

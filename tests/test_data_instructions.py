@@ -26,9 +26,9 @@ from mixsga_train.data.instructions import (
 from mixsga_train.errors import ConfigError, DataError
 from tiny import byte_bpe_tokenizer
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
-DOLLY = DATA / "dolly" / "dolly_head.jsonl"
-SEED_TASKS = DATA / "selfinst_seed" / "seed_tasks.jsonl"
+FIXTURES = Path(__file__).parent / "fixtures"  # see fixtures/README.md
+DOLLY = FIXTURES / "dolly" / "dolly_sample.jsonl"
+SEED_TASKS = FIXTURES / "self-instruct" / "seed_tasks.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_prompt_template_with_and_without_input():
 
 
 def test_dolly_slice_loads_with_context_as_input(dolly):
-    assert len(dolly) == 1097
+    assert len(dolly) == 120
     assert dolly[0].instruction == "When did Virgin Australia start operating?"
     assert dolly[0].input.startswith("Virgin Australia, the trading name")
     assert "### Input:\n" in dolly[0].prompt() and len(dolly[0].references) == 1
@@ -118,17 +118,17 @@ def test_collator_right_pads(tokenizer, dolly):
 
 def test_split_keeps_valid_test_and_shrinks_train(dolly, caplog):
     with caplog.at_level(logging.WARNING):
-        splits = split_records(dolly, [14000, 500, 500], seed=0, origin="dolly_head")
-    assert [len(splits[s]) for s in ("train", "valid", "test")] == [97, 500, 500]
-    assert "dolly_head has 1097 records" in caplog.text and "[97, 500, 500]" in caplog.text
+        splits = split_records(dolly, [14000, 40, 40], seed=0, origin="dolly_sample")
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [40, 40, 40]
+    assert "dolly_sample has 120 records" in caplog.text and "[40, 40, 40]" in caplog.text
     ids = [{id(r) for r in splits[s]} for s in ("train", "valid", "test")]
-    assert sum(map(len, ids)) == len(set().union(*ids)) == 1097
-    again = split_records(dolly, [14000, 500, 500], seed=0)
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 120
+    again = split_records(dolly, [14000, 40, 40], seed=0)
     assert all(again[s] == splits[s] for s in splits)
-    other = split_records(dolly, [14000, 500, 500], seed=1)
+    other = split_records(dolly, [14000, 40, 40], seed=1)
     assert other["test"] != splits["test"]
-    smaller = split_records(dolly, [50, 500, 500], seed=0)
-    assert smaller["test"] == splits["test"] and smaller["train"] == splits["train"][:50]
+    smaller = split_records(dolly, [20, 40, 40], seed=0)
+    assert smaller["test"] == splits["test"] and smaller["train"] == splits["train"][:20]
 
 
 def test_fit_split_sizes_scales_down_when_valid_test_do_not_fit():
@@ -143,15 +143,15 @@ def test_fit_split_sizes_scales_down_when_valid_test_do_not_fit():
 
 def test_sft_task_splits_and_eval_sets_from_local_files(caplog):
     cfg = TaskConfig(
-        name="dolly", kind="sft", jsonl=str(DOLLY), split_sizes=[200, 20, 30],
+        name="dolly", kind="sft", jsonl=str(DOLLY), split_sizes=[60, 20, 30],
         eval_sets=["dolly_test", str(SEED_TASKS)], eval_max_examples=None,
     )
     cfg.validate()
     splits = load_sft_splits(cfg)
-    assert [len(splits[s]) for s in ("train", "valid", "test")] == [200, 20, 30]
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [60, 20, 30]
     sets = load_eval_sets(cfg, dolly_test=splits["test"])
     assert list(sets) == ["dolly_test", "seed_tasks"]
-    assert len(sets["dolly_test"]) == 30 and len(sets["seed_tasks"]) == 175
+    assert len(sets["dolly_test"]) == 30 and len(sets["seed_tasks"]) == 20
     first = sets["seed_tasks"][0]
     assert first.prompt == format_prompt(
         "Is there anything I can eat for a breakfast that doesn't include eggs, yet includes protein, "

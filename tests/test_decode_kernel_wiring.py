@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from mixsga_train.attention import AttentionConfig, convert_model, load_converted
-from mixsga_train.attention.triton_decode import segment_row_index
 from mixsga_train.errors import ConfigError
 from tiny import tiny_model
 from interpreter_worker import report, run_worker
@@ -155,13 +154,24 @@ def test_without_cuda_or_interpreter_triton_falls_back_once_with_same_tokens(mon
         assert torch.allclose(a, b, atol=1e-5)
     warnings = _kernel_warnings(caplog)
     assert len(warnings) == 1 and "TRITON_INTERPRET" in warnings[0].getMessage()
-    # the row index the cache keeps for the kernel is the one the kernel would compute
     for layer in got.cache.layers:
-        assert torch.equal(layer.row_index, segment_row_index(layer.expert_ids, 3))
+        assert_kernel_rows_read_each_token(layer)
         assert layer.expand_table.dtype == torch.int32 and layer.expand_table.shape == (3, 4)
 
 
-def test_gqa_fallback_and_row_index(monkeypatch):
+def assert_kernel_rows_read_each_token(layer):
+    """The kernel's strided segments, read at the kernel's rows, give every token's cached K/V."""
+    keys, values, rows = layer.kernel_segments()
+    full_k, full_v = layer.expanded()
+    ids = layer.kernel_expert_ids().long()
+    for b in range(layer.batch_size):
+        for t in range(layer.seq_length):
+            e, row, heads = ids[b, t], rows[b, t], layer.expand_table[ids[b, t]].long()
+            assert torch.equal(keys[e][row][heads], full_k[b, :, t])
+            assert torch.equal(values[e][row][heads], full_v[b, :, t])
+
+
+def test_gqa_fallback_and_kernel_rows(monkeypatch):
     _no_triton_runtime(monkeypatch)
     models = converted_pair("qwen2", "gqa")
     ids, mask = prompt(True)
@@ -169,7 +179,7 @@ def test_gqa_fallback_and_row_index(monkeypatch):
     assert torch.equal(got.sequences, expected.sequences)
     layer = got.cache.layers[0]
     assert layer.expert_ids is None and torch.equal(layer.kernel_expert_ids(), torch.zeros(2, layer.seq_length, dtype=torch.uint8))
-    assert torch.equal(layer.row_index, segment_row_index(layer.kernel_expert_ids(), 1))
+    assert_kernel_rows_read_each_token(layer)
 
 
 @pytest.mark.parametrize("family, cfg, reason", [
@@ -185,7 +195,8 @@ def test_unsupported_models_keep_torch_path_with_one_warning(family, cfg, reason
         model.generate(input_ids=torch.randint(1, 96, (1, 5)), max_new_tokens=3, do_sample=False, pad_token_id=0)
     warnings = _kernel_warnings(caplog)
     assert len(warnings) == 1 and reason in warnings[0].getMessage()
-    assert model.config._attn_implementation == impl and model._mixsga_decode_switch is None
+    torch_read = impl if cfg["method"] == "mha" else "mixsga_" + impl  # the segment read, no kernel
+    assert model.config._attn_implementation == torch_read and model._mixsga_decode_switch is None
 
 
 def test_decode_kernel_is_validated():

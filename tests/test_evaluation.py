@@ -86,7 +86,7 @@ def test_generate_and_score(tiny_with_tokenizer):
         result = generate_and_score(model, tokenizer, examples, max_new_tokens=4, batch_size=2, max_prompt_len=64)
         assert len(result.predictions) == 3 and all(isinstance(p, str) for p in result.predictions)
         assert 0.0 <= result.rouge_l <= 100.0 and math.isfinite(result.rouge_l)
-        assert result.kv_bytes_per_token > 0
+        assert result.kv.prefill_bytes_per_token > 0 and result.kv.decode_tokens > 0
     assert tokenizer.padding_side == side
     assert sum(result.expert_fractions_decode) == pytest.approx(1.0)
     assert sum(result.expert_fractions_prefill) == pytest.approx(1.0)
@@ -114,5 +114,41 @@ def test_measured_kv_bytes_equal_nominal_for_a_prompt(cfg):
     measured = measure_kv_bytes_per_token(model, prompt)
     assert measured == pytest.approx(nominal_kv_bytes_per_token(model, torch.float32))
     budget = {None: 1.0, "mixsga": 0.5, "gqa": 0.25, "cla": 0.5}[cfg and cfg["method"]]
-    ids = 4 if cfg and cfg["method"] == "mixsga" else 0
+    ids = 4 * (1 + 4) if cfg and cfg["method"] == "mixsga" else 0  # per layer: uint8 id, int32 slot position
     assert measured == pytest.approx(budget * native + ids)
+
+
+def test_word_perplexity_counts_words_of_exactly_the_scored_text():
+    """A word-level tokenizer (one token = one word): the N * (L - 1) scored tokens are N * (L - 1) words, so
+    word perplexity must equal token perplexity. Counting words over all N * L tokens would make it lower."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mixsga_train.evaluation.perplexity import scored_words
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert words.encode("w5 w7 w9").ids == [5, 7, 9] and words.decode([5, 7, 9]) == "w5 w7 w9"
+    count = scored_words(words, BLOCKS)
+    assert count == 3 * 16
+    result = evaluate_perplexity(tiny_model("llama"), BLOCKS, batch_size=3, words=count)
+    assert result.word_ppl == pytest.approx(result.ppl, rel=1e-12)
+
+
+def test_topk_perplexity_is_not_causal_and_causal_routing_is():
+    """Changing only token t+1 of a block changes the logits at positions <= t under top-k routing (the
+    choice of experts ranks the whole block), never under the causal routing of the headline perplexity."""
+    from mixsga_train.evaluation.perplexity import CAUSAL_MODE
+    from mixsga_train.evaluation.routing_scope import evaluating
+
+    model = converted(tiny_model("llama"), method="mixsga", ratio="3:1:6")
+    block = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(3))
+    leaks = {"topk": 0, CAUSAL_MODE: 0}
+    for t in range(2, 22):
+        changed = block.clone()
+        changed[0, t + 1] = (block[0, t + 1] + 40) % 96
+        for mode in leaks:
+            with torch.no_grad(), evaluating(model, mode):
+                a, b = model(block).logits[0, : t + 1], model(changed).logits[0, : t + 1]
+            leaks[mode] += not torch.allclose(a, b, rtol=0, atol=1e-5)
+    assert leaks[CAUSAL_MODE] == 0
+    assert leaks["topk"] >= 5  # of 20 positions; the exact count depends on the random router

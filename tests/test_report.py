@@ -14,7 +14,8 @@ from report import build_report  # noqa: E402
 from reportlib.collect import collect  # noqa: E402
 
 
-def metrics(method, budget, ppl, seed=0, ratio=None, heads=None, alpha=1.0, router="learned", rouge=None, decode=None):
+def metrics(method, budget, ppl, seed=0, ratio=None, heads=None, alpha=1.0, router="learned", rouge=None, decode=None,
+            share=None):
     mix = method == "mixsga"
     native = 1024
     layers = 4
@@ -34,6 +35,7 @@ def metrics(method, budget, ppl, seed=0, ratio=None, heads=None, alpha=1.0, rout
             "kv_bytes_per_token": budget * native + (layers if mix else 0),
             "expert_fractions": {"prefill": ratio if mix else None, "decode": decode if mix else None},
             "routing_agreement": 0.9 if mix else None, "rouge_l": rouge or {},
+            "kv_share_decode": share, "kv_bytes_per_token_decode": None if share is None else share * native,
         },
     }
 
@@ -45,9 +47,9 @@ def sweep(tmp_path):
         "gqa/0": metrics("gqa", 0.5, 30.0),
         "cla/0": metrics("cla", 0.5, 40.0),
         "mix/0": metrics("mixsga", 0.5, 24.0, seed=0, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], decode=[0.2, 0.2, 0.6],
-                         rouge={"dolly": 20.0, "sinst": 10.0}),
+                         rouge={"dolly": 20.0, "sinst": 10.0}, share=0.55),
         "mix/1": metrics("mixsga", 0.5, 26.0, seed=1, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], decode=[0.4, 0.0, 0.6],
-                         rouge={"dolly": 22.0, "sinst": 12.0}),
+                         rouge={"dolly": 22.0, "sinst": 12.0}, share=0.57),
         "mix/2": metrics("mixsga", 0.25, 50.0, ratio=[0.0, 0.0, 1.0], heads=[4, 2, 1], decode=[0.0, 0.0, 1.0]),
         "noaux/0": metrics("mixsga", 0.5, 35.0, ratio=[0.3, 0.1, 0.6], heads=[4, 2, 1], alpha=0.0, decode=[0.34, 0.33, 0.33]),
         "deep/nested/run/x": metrics("mixsga", 0.5, 33.0, ratio=[0.05, 0.85, 0.1], heads=[4, 2, 1], decode=[0.1, 0.8, 0.1]),
@@ -74,11 +76,16 @@ def test_report_table_csv_and_plots(sweep, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("| fake-llama")]
     assert len(table) == 7  # 8 runs, the two mixSGA 3:1:6 seeds aggregated
     mix = next(line for line in table if "| mixsga [4,2,1] 3:1:6 |" in line)
-    assert "25.00 ± 1.41" in mix  # mean ± sample std of ppl 24 and 26
+    # causal ppl (1.1 x 25) at the realised decode KV (mean of 0.55 and 0.57), then top-k
+    assert "| 27.50 ± 1.56 | 56.0% (50.0%) | 25.00 ± 1.41 |" in mix
     assert "| 0,1 |" in mix and "0.30/0.10/0.60 \\| 0.30/0.10/0.60" in mix
     assert "+1.00" in mix  # one id byte per layer over budget x native
     noaux = next(line for line in table if "alpha=0" in line)
-    assert "0.34/0.33/0.33" in noaux and "| 58.8% |" in noaux  # decode KV of a near-uniform split: (.34*4+.33*2+.33)/4
+    # no measured decode share: the realised budget comes from a near-uniform decode split, (.34*4+.33*2+.33)/4
+    assert "0.34/0.33/0.33" in noaux and "| 58.8% (from fractions) (50.0%) |" in noaux
+    assert "\\| 573.4 (56.0%)" in mix  # decode bytes per real token (0.56 x 1024), mean of 2 seeds
+    gqa = next(line for line in table if "| gqa 2kv |" in line)
+    assert "| 33.00 | 50.0% (50.0%) | 30.00 |" in gqa  # uniform methods decode at their nominal budget
     # budget order: mha (100%) first
     assert table[0].split("|")[2].strip() == "mha"
     with open(out / "summary.csv") as f:
@@ -87,6 +94,8 @@ def test_report_table_csv_and_plots(sweep, tmp_path):
     assert float(summary["mixsga [4,2,1] 3:1:6"]["rouge_l/dolly"]) == pytest.approx(21.0)
     assert summary["mixsga [4,2,1] 3:1:6"]["n"] == "2"
     assert float(summary["gqa 2kv"]["kv_budget"]) == pytest.approx(0.5)
+    assert float(summary["mixsga [4,2,1] 3:1:6"]["realised_kv_budget"]) == pytest.approx(0.56)
+    assert summary["mixsga [4,2,1] 3:1:6"]["realised_kv_source"] == "measured"
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
     assert len(runs) == 8 and {r["seed"] for r in runs} == {"0", "1"}

@@ -7,10 +7,10 @@ position is the step number, and the pre-training evaluation is read back from t
 import hashlib
 import json
 import signal
-import sys
 
 import pytest
 
+from in_process import run_train
 from mixsga_train.errors import ConfigError
 from mixsga_train.run_dir import check_run_dir
 from mixsga_train.training import checkpoints
@@ -77,15 +77,10 @@ def snapshot(run_dir) -> dict:
 
 
 def test_a_finished_run_dir_is_refused_before_anything_is_written(monkeypatch, capsys):
-    from mixsga_train import train
-
     run_dir = reference_run()
     before = snapshot(run_dir)
-    monkeypatch.setattr(sys, "argv", ["mixsga-train", *command(run_dir)[3:], "trainer.resume=auto"])
-    with pytest.raises(SystemExit) as exit_info:
-        train.main()
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    code, stderr = run_train([*command(run_dir)[3:], "trainer.resume=auto"], monkeypatch, capsys)
+    assert code == 2
     assert stderr.strip().splitlines() == [
         f"error: hydra.run.dir: {run_dir} already holds a finished run (metrics.json); choose another directory or delete it"
     ]

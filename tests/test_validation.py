@@ -1,11 +1,11 @@
 """Every config error is one line naming the key and the fix, exit code 2, before anything loads."""
 
-import sys
 import time
 
 import pytest
 
 from cli import run_cli
+from in_process import run_train
 
 CASES = [
     (["attention.ratio=[3,1]"], "attention.ratio: has 2 entries but attention.expert_kv_heads has 3"),
@@ -25,20 +25,10 @@ CASES = [
 ]
 
 
-def run_in_process(argv, monkeypatch, capsys) -> tuple[int, str]:
-    """``mixsga-train ARGV`` in this process (fast): returns (exit code, stderr)."""
-    from mixsga_train import train
-
-    monkeypatch.setattr(sys, "argv", ["mixsga-train", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        train.main()
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("overrides, message", [c for c in CASES if c[1] is not None])
 def test_config_error_is_one_line_with_exit_code_2(overrides, message, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    code, stderr = run_in_process([*overrides, f"hydra.run.dir={run_dir}", "logger=none"], monkeypatch, capsys)
+    code, stderr = run_train([*overrides, f"hydra.run.dir={run_dir}", "logger=none"], monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and message in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr

@@ -91,6 +91,8 @@ def flatten(m: dict, path: Path, root: Path) -> dict:
     decode_budget = None
     if m.get("method") == "mixsga" and decode and heads and native_heads and len(decode) == len(heads):
         decode_budget = sum(f * h for f, h in zip(decode, heads)) / native_heads
+    decode_bytes = ev.get("kv_bytes_per_token_decode")
+    realised, source = realised_budget(m.get("method"), ev.get("kv_share_decode"), decode_budget, budget)
     return {
         "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
         "model": m.get("model"),
@@ -110,6 +112,10 @@ def flatten(m: dict, path: Path, root: Path) -> dict:
         "kv_measured_fraction": measured / native if measured is not None and native else None,
         "kv_overhead_bytes": overhead,
         "kv_overhead_bytes_per_layer": overhead / layers if overhead is not None and layers else None,
+        "kv_bytes_per_token_decode": decode_bytes,
+        "kv_share_decode": ev.get("kv_share_decode"),
+        "realised_kv_budget": realised,
+        "realised_kv_source": source,
         "params": m.get("params"),
         "train_steps": train.get("steps"),
         "train_tokens": train.get("tokens"),
@@ -128,6 +134,20 @@ def flatten(m: dict, path: Path, root: Path) -> dict:
         "rouge_l": dict(rouge),
         "rouge_l_avg": sum(rouge.values()) / len(rouge) if rouge else None,
     }
+
+
+def realised_budget(method, kv_share_decode, decode_budget, nominal) -> tuple[float | None, str]:
+    """The KV budget a run really decodes at, and where it comes from: the measured decode KV share
+    (``kv_share_decode``, bytes per real generated token / native, ids included) when metrics.json has
+    it; else, for mixSGA, the budget of its decode expert fractions; else the nominal budget for methods
+    whose every token costs the same (GQA, CLA, MHA). mixSGA without decode data has none."""
+    if kv_share_decode is not None:
+        return kv_share_decode, "measured"
+    if decode_budget is not None:
+        return decode_budget, "fractions"
+    if method != "mixsga" and nominal is not None:
+        return nominal, "nominal"
+    return None, "unknown"
 
 
 def collect(root: Path) -> list[dict]:

@@ -20,30 +20,51 @@ def _series(aggs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def x_budget(a: dict) -> float:
+    """Where a configuration sits on a budget curve: its realised decode KV budget (nominal when unknown), in %."""
+    realised = a.get("realised_kv_budget")
+    return 100 * (realised if realised is not None else a["kv_budget"])
+
+
 def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
-    """Perplexity after training vs KV budget per method, top-k routing and causal routing side by
-    side (error bars: std over seeds), with the before-training top-k numbers as faint markers."""
+    """Perplexity after training vs KV budget per method (error bars: std over seeds). Left, the
+    headline: causal-routing perplexity at the budget each run REALISES at decode, a hollow marker and
+    dotted line back to its nominal budget where they differ. Right: top-k routing (the paper's
+    non-causal protocol) at the nominal budget, before-training numbers as faint markers."""
     aggs = [a for a in aggs if a["ppl"] is not None and a["kv_budget"] is not None]
     if not aggs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, key, name in ((axes[0], "ppl", "top-k routing (paper protocol)"), (axes[1], "ppl_causal", "causal argmax routing")):
+    panels = ((axes[0], "ppl_causal", "causal routing, at realised decode KV", True),
+              (axes[1], "ppl", "top-k routing (paper protocol, non-causal), at nominal KV", False))
+    for ax, key, name, realised in panels:
         for series, rs in sorted(_series(aggs).items()):
-            rs = sorted(rs, key=lambda a: a["kv_budget"])
-            xs = [100 * a["kv_budget"] for a in rs]
+            rs = sorted([a for a in rs if a[key] is not None],
+                        key=lambda a: x_budget(a) if realised else a["kv_budget"])
+            if not rs:
+                continue
+            xs = [x_budget(a) if realised else 100 * a["kv_budget"] for a in rs]
             ys = [a[key] for a in rs]
             errs = [a.get(key + "_std") or 0.0 for a in rs]
             marker = MARKERS.get(rs[0]["method"], "o")
             line = ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=series, linestyle="-" if len(xs) > 1 else "none")
-            before = [(100 * a["kv_budget"], a["ppl_before"]) for a in rs if a["ppl_before"] is not None]
-            if before and key == "ppl":
-                ax.scatter(*zip(*before), marker=marker, facecolors="none", edgecolors=line[0].get_color(), alpha=0.5)
+            color = line[0].get_color()
+            if realised:
+                for x, y, a in zip(xs, ys, rs):
+                    if abs(x - 100 * a["kv_budget"]) > 0.05:
+                        ax.plot([100 * a["kv_budget"], x], [y, y], linestyle=":", color=color, alpha=0.6)
+                        ax.scatter([100 * a["kv_budget"]], [y], marker=marker, facecolors="none", edgecolors=color,
+                                   alpha=0.6)
+            else:
+                before = [(100 * a["kv_budget"], a["ppl_before"]) for a in rs if a["ppl_before"] is not None]
+                if before:
+                    ax.scatter(*zip(*before), marker=marker, facecolors="none", edgecolors=color, alpha=0.5)
         ax.set_yscale("log")
         ax.set_xlabel("KV cache, % of native")
-        ax.set_title(name)
+        ax.set_title(name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("perplexity after training (log)\nhollow: before training")
-    axes[1].legend(fontsize=8, loc="best")
+    axes[0].set_ylabel("perplexity after training (log)\nhollow: nominal budget (left), before training (right)")
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(title or "perplexity vs KV budget")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -78,7 +99,8 @@ def rouge_per_set(aggs: list[dict], path: Path, title: str = "") -> Path | None:
 
 def ratio_grid(aggs: list[dict], path: Path, title: str = "") -> Path | None:
     """mixSGA ratios (x, ordered by the first expert's share) against ROUGE-L average when the
-    runs have it, else perplexity under both routings; one panel per KV budget."""
+    runs have it, else perplexity under causal routing (headline) and top-k routing; one panel per
+    nominal KV budget, each bar labelled with the budget the run realises at decode."""
     mix = [a for a in aggs if a["method"] == "mixsga" and a["ratio"]]
     if not mix:
         return None
@@ -89,18 +111,21 @@ def ratio_grid(aggs: list[dict], path: Path, title: str = "") -> Path | None:
         rs = sorted([a for a in mix if round(a["kv_budget"], 4) == budget],
                     key=lambda a: ([float(x) for x in a["ratio"].split(":")][0] / sum(float(x) for x in a["ratio"].split(":")), a["series"]))
         labels = [a["ratio"] if len({r["series"] for r in rs}) == 1 else f"{a['ratio']}\n{a['series']}" for a in rs]
+        labels = [f"{label}\n{x_budget(a):.1f}% KV" for label, a in zip(labels, rs)]
         xs = list(range(len(rs)))
         if use_rouge:
             ax.bar(xs, [a["rouge_l_avg"] or 0.0 for a in rs], yerr=[a.get("rouge_l_avg_std") or 0.0 for a in rs], capsize=3)
             ax.set_ylabel("mean ROUGE-L over eval sets")
         else:
             w = 0.4
-            ax.bar([x - w / 2 for x in xs], [a["ppl"] for a in rs], w, yerr=[a.get("ppl_std") or 0.0 for a in rs], capsize=3, label="top-k routing")
-            ax.bar([x + w / 2 for x in xs], [a["ppl_causal"] for a in rs], w, yerr=[a.get("ppl_causal_std") or 0.0 for a in rs], capsize=3, label="causal routing")
+            ax.bar([x - w / 2 for x in xs], [a["ppl_causal"] or 0.0 for a in rs], w,
+                   yerr=[a.get("ppl_causal_std") or 0.0 for a in rs], capsize=3, label="causal routing")
+            ax.bar([x + w / 2 for x in xs], [a["ppl"] for a in rs], w, yerr=[a.get("ppl_std") or 0.0 for a in rs],
+                   capsize=3, label="top-k (paper protocol, non-causal)", alpha=0.5)
             ax.set_ylabel("perplexity after training")
             ax.legend(fontsize=8)
         ax.set_xticks(xs, labels, rotation=45 if len(rs) > 5 else 0, fontsize=8)
-        ax.set_title(f"{100 * budget:.1f}% KV")
+        ax.set_title(f"{100 * budget:.1f}% KV nominal")
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title or "mixSGA expert-ratio grid")
     fig.tight_layout()
@@ -110,8 +135,9 @@ def ratio_grid(aggs: list[dict], path: Path, title: str = "") -> Path | None:
 
 
 def expert_fractions(aggs: list[dict], path: Path, title: str = "") -> Path | None:
-    """Stacked bars of the share of tokens per expert, prefill (top-k) next to decode (argmax),
-    for every mixSGA configuration; the gap is how far decode drifts from the target ratio."""
+    """Stacked bars of the share of tokens per expert, prefill (top-k) next to decode (the realised
+    fractions of generated tokens), for every mixSGA configuration; the gap is how far decode drifts
+    from the target ratio."""
     mix = [a for a in aggs if a["method"] == "mixsga" and a["fractions_prefill"]]
     if not mix:
         return None
@@ -135,7 +161,7 @@ def expert_fractions(aggs: list[dict], path: Path, title: str = "") -> Path | No
     ax.set_ylabel("share of tokens (all layers)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title or "expert fractions: prefill (top-k) vs decode (argmax)", fontsize=9)
+    ax.set_title(title or "expert fractions: prefill (top-k) vs decode (realised)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

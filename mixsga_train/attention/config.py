@@ -37,7 +37,7 @@ class AttentionConfig:
     """What to turn each attention layer into.
 
     method: ``mha`` (leave the model as shipped), ``gqa``, ``cla`` or ``mixsga``.
-    kv_heads: GQA only: keep this many mean-pooled KV heads (or give ``budget``).
+    kv_heads: GQA only: keep this many mean-pooled KV heads (or give ``budget``; neither: budget 0.5).
     budget: GQA/CLA: target fraction of the native KV cache in (0, 1]. For mixSGA it is derived
         from ``ratio`` and only checked if given.
     cla_init: CLA only: the shared K/V projection is the group's ``first`` layer's or the ``mean``.
@@ -94,9 +94,10 @@ class AttentionConfig:
         return resolved
 
     def _resolve_gqa(self, native_kv_heads: int, num_layers: int) -> "ResolvedAttention":
-        if self.kv_heads is None and self.budget is None:
-            raise ConfigError("attention.kv_heads", "GQA needs kv_heads (e.g. 1) or budget (e.g. 0.5)")
-        k = self.kv_heads if self.kv_heads is not None else gqa_kv_heads_for_budget(self.budget, native_kv_heads)
+        if self.kv_heads is not None:
+            k = self.kv_heads
+        else:  # neither given: the paper's baseline, group size 2
+            k = gqa_kv_heads_for_budget(self.budget if self.budget is not None else 0.5, native_kv_heads)
         if not 1 <= k <= native_kv_heads:
             raise ConfigError(
                 "attention.kv_heads", f"{k} is not in [1, {native_kv_heads}] (the model's native KV heads)"

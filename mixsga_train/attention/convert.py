@@ -2,12 +2,14 @@
 
 The weights are kept (mixSGA shares them across experts; GQA mean-pools them; CLA keeps one
 K/V projection per layer group); mixSGA adds one router per layer. The resolved configuration
-is stored on ``model.config.mixsga`` so ``save_pretrained`` + ``load_converted`` round-trip.
+is stored on ``model.config.mixsga`` so ``save_pretrained`` + ``load_converted`` (or
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``) round-trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from types import MethodType
 
 import torch
 from torch import nn
@@ -18,8 +20,10 @@ from .cache import KVBudgetCache, MixedKVLayer, SharedKVLayer
 from .config import AttentionConfig, ResolvedAttention
 from .decode_kernel import enable_decode_kernel
 from .heads import HeadGrouping
+from .persistence import save_with_remote_code
 from .projections import MixedHeadProjection, PooledHeadProjection, SharedKVBorrower, SharedKVOwner
 from .routing import RoutingContext, TokenRouter
+from .segment_attention import enable_segment_read
 
 
 def resolve_for_model(model: nn.Module, cfg: AttentionConfig) -> ResolvedAttention:
@@ -33,8 +37,9 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
 
     After conversion ``model.generate()`` uses a ``KVBudgetCache`` by default, ``model.train()``
     adds ``alpha * mean_l L_aux`` (eq. 5) to the returned loss, and ``routing_context(model)``
-    selects the routing mode. With ``decode_kernel: triton`` the model's attention implementation
-    becomes ``mixsga_triton_<original>`` (see ``decode_kernel.py``).
+    selects the routing mode. The model's attention implementation becomes ``mixsga_<original>``,
+    which reads the cache expert by expert (``segment_attention.py``); with ``decode_kernel: triton``
+    it becomes ``mixsga_triton_<original>`` (see ``decode_kernel.py``).
     """
     if getattr(model, "_mixsga_resolved", None) is not None:
         raise ValueError("model is already converted")
@@ -49,8 +54,10 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
     model._mixsga_resolved = resolved
     model._mixsga_context = context
     model._mixsga_layouts = layouts
+    model._mixsga_read_switch = enable_segment_read(model) if resolved.method != "mha" else None
     model._mixsga_decode_switch = enable_decode_kernel(model, resolved)
     model.config.mixsga = asdict(resolved)
+    model.save_pretrained = MethodType(save_with_remote_code, model)  # a remote-code checkpoint (persistence.py)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, with_kwargs=True)
     return resolved
@@ -82,8 +89,9 @@ def _convert_layer(attn, layer_idx, resolved: ResolvedAttention, d_h, hidden, co
         for name in ("k_proj", "v_proj"):
             members = [getattr(attentions[i], name) for i in group]
             weight, bias = _cla_init(members, resolved.cla_init)
-            setattr(attn, name, SharedKVOwner(weight, bias))
-        return ("native",)
+            setattr(attn, name, SharedKVOwner(weight, bias, borrowers=len(group) - 1))
+        native = HeadGrouping(resolved.native_kv_heads, resolved.native_kv_heads)
+        return ("mixed", [native], None)  # one native-size expert: the cache's in-place buffers
     owner = attentions[owner_idx]
     attn.k_proj = SharedKVBorrower(owner.k_proj, owner_idx)
     attn.v_proj = SharedKVBorrower(owner.v_proj, owner_idx)
@@ -104,11 +112,12 @@ def build_cache(model: nn.Module) -> KVBudgetCache:
     """A fresh cache laid out for the converted ``model`` (one layer object per decoder layer)."""
     layers = []
     switch = getattr(model, "_mixsga_decode_switch", None)
+    read = getattr(model, "_mixsga_read_switch", None)
     for layout in model._mixsga_layouts:
         if layout[0] == "native":
             layers.append(DynamicLayer())
         elif layout[0] == "mixed":
-            layers.append(MixedKVLayer(layout[1], layout[2], switch))
+            layers.append(MixedKVLayer(layout[1], layout[2], switch, read))
         else:
             layers.append(SharedKVLayer(layers[layout[1]]))
     return KVBudgetCache(layers)
@@ -131,10 +140,13 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 def _before_forward(model, args, kwargs):
     """Top-level pre-hook: give the routers the padding mask and decode flag of this call, and
-    swap the empty DynamicCache that ``generate()`` creates for this model's KVBudgetCache."""
+    swap the empty DynamicCache that ``generate()`` creates for this model's KVBudgetCache (also
+    built when an inference forward asks for a cache without passing one)."""
     cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
     cache = kwargs.get(cache_key)
     if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not getattr(cache, "_is_user_defined", False):
+        cache = kwargs[cache_key] = build_cache(model)
+    elif cache is None and not model.training and _wants_cache(model, kwargs):
         cache = kwargs[cache_key] = build_cache(model)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -144,6 +156,11 @@ def _before_forward(model, args, kwargs):
     context.token_mask = mask[:, -new_tokens:].bool() if mask is not None and mask.dim() == 2 and new_tokens else None
     context.decoding = cache is not None and cache.get_seq_length() > 0
     return args, kwargs
+
+
+def _wants_cache(model, kwargs) -> bool:
+    use_cache = kwargs.get("use_cache")
+    return bool(model.config.use_cache if use_cache is None else use_cache)
 
 
 def _after_forward(model, args, kwargs, output):

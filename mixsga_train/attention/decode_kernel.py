@@ -1,21 +1,21 @@
 """``attention.decode_kernel: triton``: decode steps read the mixed KV cache with the fused kernel.
 
-How it is wired (``enable_decode_kernel``, called by ``convert_model``):
+How it is wired (``enable_decode_kernel``, called by ``convert_model`` after the segment read of
+``segment_attention.py`` is installed):
 
-* The model's ``config._attn_implementation`` (``sdpa``, ``eager``, ...) becomes
+* The model's ``config._attn_implementation`` (``mixsga_sdpa``, ``mixsga_eager``, ...) becomes
   ``mixsga_triton_<original>``, registered with transformers' ``AttentionInterface`` (and its
   ``AttentionMaskInterface``, reusing the original's mask builder, so masks are unchanged). The
-  registered function delegates every call to the original implementation, except a decode step
-  the cache has prepared for the kernel.
+  registered function delegates every call to ``mixsga_<original>`` (the torch segment read,
+  which itself delegates ordinary calls to the original implementation), except a one-token
+  decode step the cache has tagged for the kernel.
 * ``MixedKVLayer.update`` (built by ``build_cache`` with this model's ``DecodeKernelSwitch``) appends
-  the new token as always. On a one-token step where the kernel can run, it skips the expansion to
-  H_kv heads and returns zero-length placeholder K/V tagged with the layer. The attention function
-  sees the tag and calls ``mixed_decode_attention`` on the layer's segments, expert ids, row
-  index and ``[E, H_kv]`` expand table, with a ``[B, T]`` key mask taken from the 4-D attention
-  mask it receives (padding) and the ``scaling`` it receives (OPT pre-scales its queries and
-  passes 1.0).
-* Prefill, training and every unsupported case run the model's own attention on the expanded
-  cache, exactly as with ``decode_kernel: torch``.
+  the new token as always and returns zero-length placeholders tagged with the layer and
+  ``kernel=True``. The attention function calls ``mixed_decode_attention`` on the layer's expert
+  buffers (as strided segments, ``MixedKVLayer.kernel_segments``), expert ids, rows and
+  ``[E, H_kv]`` expand table, with a ``[B, T]`` key mask taken from the 4-D attention mask it
+  receives (padding) and the ``scaling`` it receives (OPT pre-scales its queries and passes 1.0).
+* Prefill, training and every unsupported case run the torch path (``decode_kernel: torch``).
 
 Falls back to the torch path, with one logged warning per model and reason, when: Triton cannot
 run (not importable, or neither a CUDA tensor nor ``TRITON_INTERPRET=1``); the method keeps no
@@ -27,20 +27,18 @@ dropout, a softcap / sliding_window argument or a query/cache dtype mismatch.
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from . import triton_decode
+from . import segment_attention, triton_decode
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "mixsga_triton_"
-_PLACEHOLDER_TAG = "_mixsga_decode_layer"
 
 
 class DecodeKernelSwitch:
@@ -93,8 +91,8 @@ def static_unsupported(model: nn.Module, resolved) -> str | None:
     )
     if windowed:
         return f"{config.model_type} uses sliding-window attention, which the kernel does not implement"
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl != "eager" and (impl not in ALL_ATTENTION_FUNCTIONS or impl not in ALL_MASK_ATTENTION_FUNCTIONS):
+    impl = segment_attention.original_implementation(getattr(config, "_attn_implementation", None) or "eager")
+    if not segment_attention.supports(impl):
         return f"attention implementation {impl!r} has no mask builder to reuse"
     return None
 
@@ -113,7 +111,7 @@ def enable_decode_kernel(model: nn.Module, resolved) -> DecodeKernelSwitch | Non
         return None
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if not impl.startswith(PREFIX):
-        model.config._attn_implementation = register(impl)
+        model.config._attn_implementation = register(segment_attention.original_implementation(impl))
     reason = runtime_unavailable(model.device)
     if reason and model.device.type != "cpu":  # a CPU model may still move to CUDA; checked per step
         switch.warn_once(reason)
@@ -124,29 +122,16 @@ def register(original: str) -> str:
     """Register ``mixsga_triton_<original>`` (attention function + the original's mask builder)."""
     name = PREFIX + original
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _make_attention(original))
-        mask = ALL_MASK_ATTENTION_FUNCTIONS["eager" if original == "eager" else original]
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+        segment_read = segment_attention.register(original)
+        AttentionInterface.register(name, _make_attention(segment_read))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
 
 
-def _original_function(original: str, module: nn.Module):
-    if original == "eager":  # each family's own eager function (softcapping, OPT's, ...)
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[original]
-
-
-def decode_placeholders(layer, key_states: torch.Tensor, value_states: torch.Tensor):
-    """Zero-length K/V tagged with ``layer``: the attention function reads the layer instead."""
-    keys, values = key_states[:, :, :0], value_states[:, :, :0]
-    setattr(keys, _PLACEHOLDER_TAG, layer)
-    return keys, values
-
-
-def _make_attention(original: str):
+def _make_attention(segment_read: str):
     def mixsga_triton_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layer = getattr(key, _PLACEHOLDER_TAG, None)
-        if layer is not None:
+        layer, kernel = segment_attention.placeholder_tag(key)
+        if kernel:
             reason = _call_unsupported(module, query, layer, dropout, kwargs)
             if reason is None:
                 out = _kernel_decode(layer, query, attention_mask, scaling)
@@ -154,12 +139,11 @@ def _make_attention(original: str):
                     return out, None
                 reason = "the attention mask is not a [B, 1, 1, T] or [B, T] padding mask"
             layer.decode_switch.warn_once(reason)
-            key, value = layer.expanded()
-        return _original_function(original, module)(
+        return ALL_ATTENTION_FUNCTIONS[segment_read](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
-    mixsga_triton_attention.__name__ = f"mixsga_triton_{original}_attention"
+    mixsga_triton_attention.__name__ = f"{PREFIX}{segment_attention.original_implementation(segment_read)}_attention"
     return mixsga_triton_attention
 
 
@@ -172,8 +156,8 @@ def _call_unsupported(module, query, layer, dropout, kwargs) -> str | None:
         return "logit softcapping is not implemented by the kernel"
     if kwargs.get("sliding_window") is not None:
         return "sliding-window attention is not implemented by the kernel"
-    if query.dtype != layer.segment_keys[0].dtype:
-        return f"query dtype {query.dtype} differs from the cache's {layer.segment_keys[0].dtype}"
+    if query.dtype != layer.key_buffers[0].dtype:
+        return f"query dtype {query.dtype} differs from the cache's {layer.key_buffers[0].dtype}"
     return None
 
 
@@ -201,14 +185,15 @@ def _kernel_decode(layer, query: torch.Tensor, attention_mask, scaling) -> torch
     kv_mask = _key_mask(attention_mask, batch, length)
     if kv_mask is False:
         return None
+    keys, values, rows = layer.kernel_segments()
     out = triton_decode.mixed_decode_attention(
         query[:, :, 0],
-        layer.segment_keys,
-        layer.segment_values,
+        keys,
+        values,
         layer.kernel_expert_ids(),
         layer.expand_table,
         kv_mask=kv_mask,
         scale=scaling,
-        row_index=layer.row_index,
+        row_index=rows,
     )
     return out.unsqueeze(1)

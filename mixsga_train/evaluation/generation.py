@@ -1,8 +1,9 @@
 """Generation for ROUGE-L: batched, left-padded ``model.generate()``, scored against references,
-with the KV bytes per token measured from each batch's cache and the routing fractions of mixSGA.
+with the KV bytes per real token measured from each batch's cache (``kv.account_generation``) and
+the routing fractions of mixSGA.
 
 Converted models generate through their own ``KVBudgetCache`` under ``auto`` routing: the prompt is
-routed by top-k, each new token by argmax (the paper's Fig. 2).
+routed by top-k, each new token by the decode policy (argmax in the paper's Fig. 2).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from ..data.instructions import EvalExample, encode_prompt
-from .kv import cache_bytes_per_token
+from .kv import KVAccount, account_generation, stop_token_ids
+from .progress import progress
 from .rouge import mean_rouge_l
 from .routing_scope import evaluating
 
@@ -21,14 +23,14 @@ from .routing_scope import evaluating
 @dataclass
 class GenerationResult:
     """predictions: one decoded response per example (prompt stripped, cut at EOS);
-    rouge_l: mean ROUGE-L x100; kv_bytes_per_token: measured cache bytes per token slot, weighted
-    over batches by slots (positions x rows, left padding included); expert_fractions_*: share of
-    real tokens per expert over all layers for prompts (top-k) and generated tokens (argmax),
-    None for models without routers."""
+    rouge_l: mean ROUGE-L x100; kv: cache bytes summed over real prompt and generated tokens of
+    all batches (no padding, nothing from a row's stop token on); expert_fractions_prefill: share
+    of real prompt tokens per expert over all layers (top-k); expert_fractions_decode: realised
+    share of real generated tokens per expert, read from the caches. None without routers."""
 
     predictions: list[str]
     rouge_l: float
-    kv_bytes_per_token: float
+    kv: KVAccount
     expert_fractions_prefill: list[float] | None
     expert_fractions_decode: list[float] | None
 
@@ -54,11 +56,11 @@ def generate_and_score(
     pad_id, stop_ids = _special_ids(model, tokenizer)
     device = next(model.parameters()).device
     predictions: list[str] = []
-    total_bytes = total_slots = 0.0
+    kv = KVAccount()
     devices = [device] if device.type == "cuda" else []
     with evaluating(model, "auto") as stats, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in range(0, len(examples), batch_size):
+        for start in progress(range(0, len(examples), batch_size), "generation"):
             prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_len) for ex in examples[start : start + batch_size]]
             input_ids, attention_mask = left_pad(prompts, pad_id)
             out = model.generate(
@@ -70,17 +72,16 @@ def generate_and_score(
                 eos_token_id=sorted(stop_ids),
                 return_dict_in_generate=True,
             )
-            slots = out.cache.get_seq_length() * input_ids.shape[0]
-            total_bytes += cache_bytes_per_token(out.cache) * slots
-            total_slots += slots
-            for row in out.sequences[:, input_ids.shape[1] :].tolist():
+            new_tokens = out.sequences[:, input_ids.shape[1] :]
+            kv = kv + account_generation(out.cache, attention_mask, new_tokens, stop_ids)
+            for row in new_tokens.tolist():
                 predictions.append(_decode_until_stop(tokenizer, row, stop_ids))
     return GenerationResult(
         predictions=predictions,
         rouge_l=mean_rouge_l(predictions, [ex.references for ex in examples]),
-        kv_bytes_per_token=total_bytes / total_slots if total_slots else 0.0,
+        kv=kv,
         expert_fractions_prefill=stats.fractions("prefill") if stats is not None else None,
-        expert_fractions_decode=stats.fractions("decode") if stats is not None else None,
+        expert_fractions_decode=kv.decode_expert_fractions if stats is not None else None,
     )
 
 
@@ -97,9 +98,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 def _special_ids(model: nn.Module, tokenizer) -> tuple[int, set[int]]:
     """(pad id: the tokenizer's pad, else EOS; stop ids: the tokenizer's EOS and the model's)."""
-    configured = model.generation_config.eos_token_id
-    stop = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
-    stop.discard(None)
+    stop = stop_token_ids(model, tokenizer)
     if not stop:
         raise ValueError("neither the tokenizer nor the model defines an EOS token; set tokenizer.eos_token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,8 +1,10 @@
 """Perplexity over non-overlapping token blocks, token- and word-level, under a chosen routing.
 
 mixSGA routing decides what perplexity means: ``topk`` routes each block by progressive top-k over
-the whole block (the paper's protocol), ``argmax`` routes every token by its own router scores
-(causal, what streaming decoding sees). Other models ignore ``routing``.
+the whole block (the paper's protocol; NOT causal: the expert of token t depends on later tokens, so
+the prediction at t sees the future), ``causal`` routes every token in order by the configured decode
+policy (what streaming decoding sees; the headline, ``CAUSAL_MODE``), ``argmax`` by each token's own
+router scores alone (the paper's eq. 3). Other models ignore ``routing``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.text import count_words
+from .progress import progress
 from .routing_scope import evaluating
 
-PPL_ROUTINGS = ("topk", "causal")
+# The routing of the headline (causal) perplexity: the configured decode policy applied causally
+# to every token, in order (what decoding really uses).
+CAUSAL_MODE = "causal"
+PPL_ROUTINGS = ("topk", "argmax", CAUSAL_MODE)
 
 
 @dataclass
@@ -42,7 +49,7 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``blocks`` [N, L] (each row predicts its L - 1 next tokens).
 
-    ``words``: whitespace words of the evaluated text (``count_words``), for word-level perplexity.
+    ``words``: whitespace words of exactly the scored text (``scored_words``), for word-level perplexity.
     Runs in eval mode under ``routing``; the model's training flag and routing state are restored.
     """
     if routing not in PPL_ROUTINGS:
@@ -68,6 +75,13 @@ def evaluate_response_perplexity(model: nn.Module, batches: list[dict], routing:
     return _result(nll_sum, tokens, None, routing, stats)
 
 
+def scored_words(tokenizer, blocks: torch.Tensor) -> int:
+    """Whitespace words of the text whose tokens ``evaluate_perplexity`` scores: tokens 1..L-1 of
+    every block [N, L] (token 0 is context only). Word perplexity divides the NLL of those
+    N * (L - 1) tokens by this count, so numerator and denominator cover the same text."""
+    return sum(count_words(tokenizer.decode(row[1:].tolist())) for row in blocks)
+
+
 def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
     """(total NLL in fp64, predicted tokens, routing stats) of next-token prediction over batches.
     Without ``labels`` every next token counts; with them, only positions whose label is not -100."""
@@ -75,7 +89,7 @@ def _sum_nll(model: nn.Module, batches: list[dict], routing: str):
     nll = torch.zeros((), dtype=torch.float64)
     tokens = 0
     with evaluating(model, routing) as stats:
-        for batch in batches:
+        for batch in progress(batches, f"perplexity ({routing})"):
             batch = {k: v.to(device) for k, v in batch.items()}
             targets = batch.pop("labels", batch["input_ids"])[:, 1:]
             logits = model(**batch, use_cache=False).logits[:, :-1]

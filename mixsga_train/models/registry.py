@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..attention.adapters import ADAPTERS, adapter_for
 from ..errors import ConfigError
@@ -36,9 +43,10 @@ class ModelConfig:
     dtype: ``float32`` | ``bfloat16`` | ``float16``.
     max_seq_len: longest sequence the pipeline feeds; must fit the model's positions. Tiny models
         get exactly this many positions.
-    native_kv_heads / num_layers: the checkpoint's KV heads per layer and decoder layers, declared
-        in the model's YAML so attention configs are checked before anything is downloaded;
-        verified against the loaded model. Derived for ``tiny`` and ``gguf_smollm2``.
+    native_kv_heads / num_layers: the checkpoint's KV heads per layer and decoder layers, so
+        attention configs are checked before the weights load; verified against the loaded model.
+        Derived for ``tiny`` and ``gguf_smollm2``; for ``local`` and ``hub`` read from the
+        checkpoint's config.json when not given (the Hub's only when it is reachable or cached).
     tiny_*: source ``tiny`` only. ``tiny_family`` picks the architecture; the sizes default to a
         4-layer, 64-wide model with 4 query and 4 KV heads (so the paper experts [4, 2, 1] apply);
         ``tiny_sliding_window`` is Gemma 2's local window on alternate layers (small so tests
@@ -87,7 +95,20 @@ class ModelConfig:
             return self.tiny_kv_heads, self.tiny_layers
         if self.source == "gguf_smollm2":
             return SMOLLM2_KV_HEADS, SMOLLM2_LAYERS
+        if self.native_kv_heads is None or self.num_layers is None:
+            config = self._checkpoint_config()
+            if config is not None:
+                return (self.native_kv_heads or adapter_for(config).native_kv_heads(config),
+                        self.num_layers or config.num_hidden_layers)
         return self.native_kv_heads, self.num_layers
+
+    def _checkpoint_config(self) -> PretrainedConfig | None:
+        """The checkpoint's config.json (local directory, or the Hub's copy if reachable or cached)."""
+        location = Path(self.path).expanduser() if self.source == "local" else self.hub_id
+        try:
+            return AutoConfig.from_pretrained(location)
+        except (OSError, ValueError):
+            return None
 
     def _validate_local(self) -> None:
         if not self.path:

@@ -1,18 +1,33 @@
-"""The DeepSpeed config of a TrainerConfig: ZeRO stage, precision, AdamW, warm-up + cosine, clipping."""
+"""The DeepSpeed config of a TrainerConfig: ZeRO stage, precision, AdamW, warm-up + cosine, clipping,
+and a user's DeepSpeed JSON (``trainer.deepspeed_config``) merged over it."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..config import TrainerConfig
+from ..errors import ConfigError
+
+AUTO = "auto"
 
 
 def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict:
-    """A DeepSpeed config dict (the schedule is passed separately: ``lr_schedule``)."""
+    """A DeepSpeed config dict (the schedule is passed separately: ``lr_schedule``): the one built
+    from ``cfg``, with ``cfg.deepspeed_config``'s JSON merged over it when given."""
+    built = built_config(cfg, world_size)
+    if cfg.deepspeed_config is None:
+        return built
+    return merge_user_config(built, read_user_config(cfg.deepspeed_config))
+
+
+def built_config(cfg: TrainerConfig, world_size: int) -> dict:
+    """The DeepSpeed config that the trainer keys alone define."""
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -27,6 +42,49 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def read_user_config(path: str) -> dict:
+    """A user's DeepSpeed JSON (a JSON object); a one-line ConfigError naming the file otherwise."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError("trainer.deepspeed_config", f"{file} is not a file; give the path of a DeepSpeed JSON")
+    try:
+        user = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError("trainer.deepspeed_config", f"{file} line {err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(
+            "trainer.deepspeed_config", f"{file} holds a {type(user).__name__}; a DeepSpeed config is an object"
+        )
+    for unsupported in ("scheduler",):
+        if unsupported in user:
+            raise ConfigError(
+                "trainer.deepspeed_config",
+                f"{file}: {unsupported!r} is set by the trainer (warmup_ratio, min_lr_ratio); remove it from the JSON",
+            )
+    return user
+
+
+def merge_user_config(built: dict, user: dict, path: str = "") -> dict:
+    """``user`` merged over ``built`` (nested objects merge key by key, the user's values win). A
+    value ``"auto"`` takes the built value at the same place (as in the transformers integration);
+    ``"auto"`` where the trainer builds nothing is a ConfigError naming the key."""
+    merged = dict(built)
+    for key, value in user.items():
+        where = f"{path}.{key}" if path else key
+        if value == AUTO:
+            if key not in built:
+                raise ConfigError(
+                    "trainer.deepspeed_config",
+                    f"{where} is 'auto' but the trainer sets no value for it; give a number or remove the key",
+                )
+            continue
+        if isinstance(value, dict) and isinstance(built.get(key), dict):
+            merged[key] = merge_user_config(built[key], value, where)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parameter_groups(model: nn.Module, cfg: TrainerConfig) -> list[dict]:

@@ -15,7 +15,9 @@ import logging
 import math
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..attention import RoutingStats, routing_context
 from ..config import TrainerConfig
+from ..errors import EXIT_DIVERGED, EXIT_INTERRUPTED, DataError
 from ..tracking import Tracker
 from . import checkpoints
 from .distributed import Dist, all_gather_object, all_sum, barrier
@@ -38,9 +41,13 @@ log = logging.getLogger(__name__)
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the step was not applied."""
 
+    exit_code = EXIT_DIVERGED
+
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved and training stopped."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 @dataclass
@@ -128,6 +135,29 @@ class _StopSignal:
         self._restore()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' activation checkpointing,
+    non-reentrant). A mixSGA model's routers run again in the recomputation and route the same way;
+    their statistics are not recorded a second time."""
+    context = routing_context(model) if getattr(model, "_mixsga_resolved", None) is not None else None
+    contexts = partial(_checkpoint_contexts, context)
+    model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": contexts})
+
+
+def _checkpoint_contexts(context) -> tuple:
+    """(forward, recomputation) contexts for ``torch.utils.checkpoint``'s ``context_fn``."""
+    return nullcontext(), (_routing_stats_paused(context) if context is not None else nullcontext())
+
+
+@contextmanager
+def _routing_stats_paused(context):
+    saved, context.stats = context.stats, None
+    try:
+        yield
+    finally:
+        context.stats = saved
+
+
 class _RoutingTally:
     """Counts this rank's training tokens per expert and top-k/argmax agreement of a mixSGA
     model, step by step (``take``); a no-op for other models."""
@@ -164,6 +194,7 @@ def train(
     tracker: Tracker,
     seed: int,
     resume_step: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``total_steps`` optimizer steps with DeepSpeed and return what happened.
 
@@ -171,13 +202,16 @@ def train(
     checkpoints.py). ``resume_step`` continues from that complete checkpoint: weights,
     optimizer, scheduler, RNG, data position and the result so far. NaN/inf loss raises
     TrainingDiverged before the step is applied; SIGINT/SIGTERM saves a checkpoint and raises
-    TrainingInterrupted.
+    TrainingInterrupted. ``on_step(step)`` runs after every optimizer step on every rank (e.g.
+    periodic evaluation); its forward passes do not count as training routing.
     """
     steps = total_steps(cfg, len(dataset), dist.world_size)
     if cfg.train_only_routers:
         for name, param in model.named_parameters():
             param.requires_grad_(".router." in name)
     routers_before = {name: p.detach().float().cpu().clone() for name, p in router_parameters(model).items()}
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg),
@@ -205,6 +239,10 @@ def train(
                     f"interrupted at step {step}; checkpoint saved in {root / checkpoints.tag(step)}; "
                     "rerun the same command with trainer.resume=auto to continue"
                 )
+            if on_step is not None:
+                on_step(step)
+                tally.take()
+                engine.train()
     model.eval()
     result.router_weight_change = relative_change(routers_before, model)
     return result
@@ -288,7 +326,12 @@ def _set_rng_state(state: dict) -> None:
 def _resume(engine, root: Path, step: int, dist: Dist) -> TrainResult:
     """Load checkpoint ``step`` into ``engine`` (weights, optimizer, scheduler) and restore this
     rank's RNG; returns the result recorded up to that step."""
-    _, client = engine.load_checkpoint(str(root), tag=checkpoints.tag(step))
+    try:
+        _, client = engine.load_checkpoint(str(root), tag=checkpoints.tag(step))
+    except Exception as err:  # noqa: BLE001 - any failure to read the files means the same to the user
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DataError(f"{root / checkpoints.tag(step)}: cannot be loaded ({reason}); move it aside to resume from "
+                        "the previous checkpoint, or start a new run directory") from None
     _set_rng_state(client["rng"][dist.rank])
     result = TrainResult(**client["result"])
     result.resumed_from = client["step"]
@@ -304,9 +347,17 @@ def save(engine, root: Path, step: int, result: TrainResult, dist: Dist, keep: i
         checkpoints.discard_incomplete(root, step)
     barrier()
     client = {"step": step, "rng": rng, "result": asdict(result)}
-    engine.save_checkpoint(str(root), tag=checkpoints.tag(step), client_state=client, save_latest=False)
-    barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=checkpoints.tag(step), client_state=client, save_latest=False)
+        barrier()
+        if dist.is_main:
+            checkpoints.mark_complete(root, step, dist.world_size)
+    except (OSError, RuntimeError) as err:
+        if not isinstance(err, OSError) and "inline_container" not in str(err):
+            raise
+        if dist.is_main:
+            checkpoints.discard_incomplete(root, step)  # frees the space; the last complete checkpoint stays
+        raise checkpoints.write_failure(root, step, err) from None
     if dist.is_main:
-        checkpoints.mark_complete(root, step, dist.world_size)
         checkpoints.prune(root, keep)
     barrier()
