@@ -115,9 +115,9 @@ def main() -> None:
                 continue
             if i == 0 or every_seed or args.all_seeds:
                 over = over + args.mix if "attention=mixsga" in over else over
-                runs.append((tag, py + base + local + over + [f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}",
-                                                              "trainer.warmup_ratio=0.05", f"seed={seed}",
-                                                              f"hydra.run.dir={out / 'continued' / tag}"]))
+                schedule = [f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", "trainer.warmup_ratio=0.05"]
+                run_args = schedule + [f"seed={seed}", f"hydra.run.dir={out / 'continued' / tag}"]
+                runs.append((tag, py + base + local + over + run_args))
     commands = [" ".join(pretrain)] + [" ".join(c) for _, c in runs]
     if args.dry_run:
         print("\n".join(commands))

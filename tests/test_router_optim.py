@@ -31,8 +31,9 @@ def test_router_group_has_its_lr_and_no_decay_and_follows_the_schedule():
     assert all(".router." not in n for g in groups if g is not router for n, p in model.named_parameters()
                if any(p is q for q in g["params"]))
     dist = init_distributed()
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg, dist.world_size), lr_scheduler=lr_schedule(cfg, 10)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=deepspeed_config(cfg, dist.world_size),
+        lr_scheduler=lr_schedule(cfg, 10),
     )
     by_name = {g.get("name", i): g for i, g in enumerate(optimizer.param_groups)}
     assert by_name["router"]["weight_decay"] == 0.0 and by_name[0]["weight_decay"] == 0.1

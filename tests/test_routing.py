@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from mixsga_train.attention.budget import normalise_ratio
-from mixsga_train.attention.routing import RoutingContext, TokenRouter, capacity_counts, expert_counts, progressive_topk, router_aux_loss
+from mixsga_train.attention.routing import (
+    RoutingContext,
+    TokenRouter,
+    capacity_counts,
+    expert_counts,
+    progressive_topk,
+    router_aux_loss,
+)
 
 RHO = [0.3, 0.1, 0.6]
 COSTS = [1.0, 0.5, 0.25]  # experts [8, 4, 2] of 8 native KV heads

@@ -94,8 +94,8 @@ def budget_decode_route(
     sequence and every prefix of its routed tokens, sum of costs <= budget * tokens (running quota).
 
     scores: [B, L, E] router logits (higher = preferred); costs: [E] KV per token (fraction of
-    native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e; spent [B] float64 and tokens [B] long:
-    this sequence's running totals, updated in place; token_mask: [B, L], False on padding (those
+    native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e;
+    spent [B] float64 and tokens [B] long: each sequence's running totals, updated in place; token_mask: [B, L], False on padding (those
     get the cheapest allowed expert and count nothing). Each token takes its preferred expert if
     that keeps the total within quota, else the best-scoring one that does. The cheapest allowed
     expert always fits: budget is a convex combination of allowed costs, so c_min <= budget, and
