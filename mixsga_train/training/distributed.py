@@ -134,8 +134,12 @@ def full_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Every rank enters together; inside, a ZeRO-3 model's partitioned parameters are gathered in
     full on every rank (e.g. for rank 0's ``save_pretrained``). A no-op for ZeRO 0-2."""
     params = list(model.parameters())
-    partitioned = any(hasattr(p, "ds_id") for p in params)
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed  # only a ZeRO-3 model has partitioned parameters, so DeepSpeed is loaded already
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
 
 
