@@ -575,3 +575,18 @@ def test_a_full_disk_while_writing_metrics_names_the_file_and_keeps_the_old_one(
         write_json_atomic(target, {"new": 2})
     monkeypatch.undo()
     assert target.read_text() == '{"old": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_saved_mha_run_is_a_valid_base_model(tmp_path):
+    """attention=mha changes nothing, so its saved model (e.g. bench-replica's pretrained one) may be
+    loaded and converted again; any real conversion is refused."""
+    import json
+
+    from mixsga_train.config import refuse_converted
+    from mixsga_train.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mixsga": {"method": "mha"}}))
+    refuse_converted(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mixsga": {"method": "gqa"}}))
+    with pytest.raises(ConfigError, match="already converted by mixsga-train \\(gqa\\)"):
+        refuse_converted(tmp_path)

@@ -146,7 +146,7 @@ def refuse_converted(path: Path) -> None:
         raise ConfigError(
             "model.path", f"{config_file} is not a readable JSON object; give a save_pretrained directory"
         ) from None
-    if saved:
+    if saved and saved.get("method") != "mha":  # an "mha" conversion changed nothing: a plain base model
         raise ConfigError(
             "model.path",
             f"{path} holds a model already converted by mixsga-train ({saved.get('method')}); loading it as a "
