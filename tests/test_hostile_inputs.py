@@ -582,8 +582,8 @@ def test_a_saved_mha_run_is_a_valid_base_model(tmp_path):
     loaded and converted again; any real conversion is refused."""
     import json
 
-    from mixsga_train.models.config import refuse_converted
     from mixsga_train.errors import ConfigError
+    from mixsga_train.models.config import refuse_converted
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mixsga": {"method": "mha"}}))
     refuse_converted(tmp_path)
