@@ -229,6 +229,7 @@ class TokenRouter(nn.Module):
         nn.init.zeros_(self.proj.bias)
         self.capacity = list(capacity)
         self.costs = list(costs)
+        self._costs64 = torch.tensor(costs, dtype=torch.float64)  # built once, not on every decode step
         self.budget = sum(r * c for r, c in zip(capacity, costs))
         self.layer_idx = layer_idx
         self.router_grad = router_grad
@@ -313,7 +314,7 @@ class TokenRouter(nn.Module):
         if mode == "argmax":
             return self.argmax(logits)
         return budget_decode_route(
-            logits.detach(), torch.tensor(self.costs), ~self._no_capacity, self.budget, self._spent, self._tokens, mask
+            logits.detach(), self._costs64, ~self._no_capacity, self.budget, self._spent, self._tokens, mask
         )
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
