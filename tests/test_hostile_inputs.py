@@ -590,3 +590,26 @@ def test_a_saved_mha_run_is_a_valid_base_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mixsga": {"method": "gqa"}}))
     with pytest.raises(ConfigError, match="already converted by mixsga-train \\(gqa\\)"):
         refuse_converted(tmp_path)
+
+
+def test_a_saved_mha_run_loads_back_as_its_base_model(tmp_path):
+    """What ``model.source=local`` does with such a model (its config.json names the remote-code
+    class): the base architecture, the same weights, no trust_remote_code prompt."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tiny import byte_bpe_tokenizer, tiny_model
+
+    from mixsga_train.attention import AttentionConfig, convert_model
+    from mixsga_train.models.loading import load_local
+
+    model = tiny_model("llama", kv_heads=4, layers=2)
+    convert_model(model, AttentionConfig(method="mha"))
+    model.save_pretrained(tmp_path)
+    byte_bpe_tokenizer("to be or not to be").save_pretrained(tmp_path)
+    loaded, tokenizer = load_local(SimpleNamespace(path=str(tmp_path)), torch.float32)
+    assert type(loaded).__name__ == "LlamaForCausalLM" and tokenizer("to be").input_ids
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..attention.adapters import ADAPTERS, adapter_for
+from ..attention.persistence import MODEL_TYPE, base_config, load_tokenizer, read_config_json
 from ..errors import ConfigError
 from .gguf import load_smollm2_135m
 from .tiny import tiny_model, tiny_tokenizer
@@ -40,8 +41,14 @@ def load_hub(cfg: ModelConfig, dtype: torch.dtype) -> Loaded:
 
 
 def load_local(cfg: ModelConfig, dtype: torch.dtype) -> Loaded:
-    """A ``save_pretrained`` directory (``model.path``)."""
+    """A ``save_pretrained`` directory (``model.path``). A model mixsga-train saved with
+    ``attention=mha`` carries the remote-code config of a converted model but unchanged weights:
+    it loads as its base architecture (``refuse_converted`` stops every other method earlier)."""
     path = Path(cfg.path).expanduser()
+    stored = read_config_json(path) if (path / "config.json").is_file() else {}
+    if stored.get(MODEL_TYPE):
+        config = base_config(stored)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype), load_tokenizer(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 
