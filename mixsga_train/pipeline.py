@@ -166,7 +166,8 @@ def run(cfg: RunConfig, resolved: ResolvedAttention, run_dir: Path, config_yaml:
     convert_model(model, resolved)
     model.to(dist.device)
     log.info("%s", resolved.describe())
-    name = run_name(resolved.method, resolved.kv_budget, resolved.summary_fields()["ratio"], cfg.seed)
+    per_layer = resolved.to_dict().get("layer_ratios") is not None
+    name = run_name(resolved.method, resolved.kv_budget, resolved.summary_fields()["ratio"], cfg.seed, per_layer)
     tracker = start_tracker(
         cfg.logger, run_dir, name, cfg.experiment_name, run_tags(resolved), config_yaml, dist.is_main
     )

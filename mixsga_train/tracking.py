@@ -112,10 +112,12 @@ def tracking_enabled(logger_cfg) -> bool:
     return logger_cfg.backend != "none" and wandb_mode(logger_cfg) != "disabled"
 
 
-def run_name(method: str, kv_budget: float, ratio: list[float] | None, seed: int) -> str:
-    """A W&B run name that says what the run is: ``mixsga-50%-0.3:0.1:0.6-s0``, ``gqa-25%-s1``."""
+def run_name(method: str, kv_budget: float, ratio: list[float] | None, seed: int, per_layer: bool = False) -> str:
+    """A W&B run name that says what the run is: ``mixsga-50%-0.3:0.1:0.6-s0``, ``gqa-25%-s1``;
+    per-layer ratios: ``mixsga-50%-layers-0.25:0.25:0.5-s0`` (their mean)."""
     parts = [method, f"{100 * kv_budget:.4g}%"]
     if method == "mixsga" and ratio:
+        parts += ["layers"] if per_layer else []
         parts.append(":".join(f"{r:.3g}" for r in ratio))
     return "-".join([*parts, f"s{seed}"])
 

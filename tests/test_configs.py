@@ -77,6 +77,14 @@ def test_ratio_accepts_list_and_quoted_string(ratio):
     assert run.validate().kv_budget == pytest.approx(0.5)
 
 
+def test_layer_ratios_from_the_command_line():
+    """Hydra's nested-list grammar reaches the per-layer ratios; tiny_llama has 2 layers, 4 KV heads."""
+    run = to_run_config(composed(["attention.layer_ratios=[[1,0,0],'0:0:1']", "model=tiny_llama"]))
+    resolved = run.validate()
+    assert resolved.layer_ratios == [[1, 0, 0], [0, 0, 1]]
+    assert resolved.kv_budget == pytest.approx((1 + 0.25) / 2)
+
+
 def test_type_errors_name_the_key():
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         to_run_config(composed(["trainer.max_steps=lots"]))

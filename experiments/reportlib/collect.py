@@ -33,6 +33,8 @@ def format_ratio(ratio) -> str:
 def _variant(m: RunMetrics) -> list[str]:
     """What makes a mixSGA run an ablation (empty for the default learned / straight-through / alpha 1)."""
     parts = []
+    if m.attention.get("layer_ratios"):
+        parts.append("layers " + "/".join(format_ratio(r) for r in m.attention["layer_ratios"]))
     if m.router == "random":
         parts.append("random-router")
     if m.router_grad == "aux_only":

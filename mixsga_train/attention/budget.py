@@ -56,6 +56,25 @@ def mixsga_budget(ratio: list[float], expert_kv_heads: list[int], native_kv_head
     return sum(r * k for r, k in zip(rho, expert_kv_heads)) / native_kv_heads
 
 
+def parse_layer_ratios(layer_ratios: list | tuple, num_experts: int, num_layers: int) -> list[list[float]]:
+    """Per-layer capacity ratios (``attention.layer_ratios``): one ratio per layer, each a list or a
+    ``"3:1:6"`` string with one share per expert; returns them normalised (each sums to 1)."""
+    key = "attention.layer_ratios"
+    if isinstance(layer_ratios, str) or not isinstance(layer_ratios, (list, tuple)):
+        raise ConfigError(key, f"{layer_ratios!r} is not a list; give one ratio per layer, e.g. [[1,0,0],[0,0,1]]")
+    if len(layer_ratios) != num_layers:
+        raise ConfigError(key, f"has {len(layer_ratios)} entries but the model has {num_layers} layers; give one per layer")
+    out = []
+    for i, ratio in enumerate(layer_ratios):
+        shares = parse_ratio(ratio, key=f"{key}[{i}]")
+        if len(shares) != num_experts:
+            raise ConfigError(
+                f"{key}[{i}]", f"has {len(shares)} shares for {num_experts} experts; give one share per expert"
+            )
+        out.append(normalise_ratio(shares))
+    return out
+
+
 def paper_expert_kv_heads(native_kv_heads: int, num_experts: int = 3) -> list[int]:
     """The paper's experts: group sizes 1, 2, 4, ... i.e. H_kv / 2^(e-1) heads (section 1.6)."""
     heads = [native_kv_heads // 2**e for e in range(num_experts)]
@@ -155,3 +174,53 @@ def cla_sharing_groups(num_layers: int, budget: float) -> list[list[int]]:
 def cla_budget(groups: list[list[int]]) -> float:
     """Fraction of layers that own a K/V: len(groups) / num_layers."""
     return len(groups) / sum(len(g) for g in groups)
+
+
+def allocate_layer_ratios(sensitivity: list[list[float]], costs: list[float], budget: float) -> list[list[float]]:
+    """Per-layer ratios with mean budget ``budget`` that minimise the summed loss increase, under
+    the model that a layer's loss increase is linear in its expert shares.
+
+    sensitivity: [L][E], the loss increase when every token of layer l uses expert e (the other
+    layers unchanged); costs: [E] KV per token as a fraction of native (``k_e / H_kv``). This is
+    the linear program min sum_l,e x_le s_le s.t. sum_e x_le = 1, mean_l sum_e x_le c_e = budget,
+    x >= 0, solved exactly by the greedy on each layer's lower convex hull of (cost, loss): every
+    layer starts at its cheapest expert, then hull steps are bought in order of loss saved per unit
+    of KV until the budget is spent; at most one layer ends mixing two experts. Where no hull step
+    is left (more KV would not lower the modelled loss) the allocation stays below the budget.
+    Returns [L][E] shares (each row sums to 1). ConfigError if the budget is below the cheapest expert's cost or
+    above the most expensive one's.
+    """
+    num_layers = len(sensitivity)
+    lo, hi = min(costs), max(costs)
+    if not lo - 1e-12 <= budget <= hi + 1e-12:
+        raise ConfigError("budget", f"{budget} is outside the experts' cost range [{lo:g}, {hi:g}]")
+    steps = []  # (loss saved per unit cost, layer, from expert, to expert, cost of the step)
+    for layer, losses in enumerate(sensitivity):
+        by_cost = sorted(range(len(costs)), key=lambda e: (costs[e], losses[e]))
+        hull = [by_cost[0]]
+        for e in by_cost[1:]:
+            if costs[e] == costs[hull[-1]] or losses[e] >= losses[hull[-1]]:
+                continue  # no cheaper-for-the-loss than a cheaper expert already on the hull
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                slope_ab = (losses[b] - losses[a]) / (costs[b] - costs[a])
+                slope_ae = (losses[e] - losses[a]) / (costs[e] - costs[a])
+                if slope_ae <= slope_ab:
+                    hull.pop()  # b lies on or above the segment a-e
+                else:
+                    break
+            hull.append(e)
+        for a, b in zip(hull, hull[1:]):
+            steps.append(((losses[b] - losses[a]) / (costs[b] - costs[a]), layer, a, b, costs[b] - costs[a]))
+    shares = [[0.0] * len(costs) for _ in range(num_layers)]
+    for layer, losses in enumerate(sensitivity):
+        shares[layer][min(range(len(costs)), key=lambda e: (costs[e], losses[e]))] = 1.0
+    left = budget * num_layers - lo * num_layers
+    for _, layer, a, b, step_cost in sorted(steps):  # convex hulls: a layer's steps come in its own order
+        if left <= 1e-12:
+            break
+        take = min(1.0, left / step_cost)
+        shares[layer][a] -= take
+        shares[layer][b] += take
+        left -= take * step_cost
+    return [[max(s, 0.0) for s in row] for row in shares]

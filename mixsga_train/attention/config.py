@@ -30,6 +30,11 @@ class AttentionConfig:
     expert_kv_heads: mixSGA only: KV heads each expert keeps, most expensive first; ``None`` means
         the paper's [H_kv, H_kv/2, H_kv/4].
     ratio: mixSGA only: capacity shares per expert, a list [3, 1, 6] or a string "3:1:6".
+    layer_ratios: mixSGA only: one ratio per layer (lists or "3:1:6" strings), replacing ``ratio``;
+        the budget is the mean of the layers' budgets and each layer's router holds its own. A
+        layer whose ratio is one-hot is plain GQA at that expert's head count (``None``: every
+        layer uses ``ratio``). ``experiments/layer_allocation.py`` picks them from a measured
+        per-layer sensitivity.
     alpha: mixSGA only: weight of the prefill/decode consistency loss (paper eq. 5).
     router_grad: mixSGA only: how the LM loss reaches the router (forward always hard):
         ``counterfactual`` (every expert's logit gets <KV_e - KV_selected, dL/dKV>, the first-order
@@ -40,10 +45,10 @@ class AttentionConfig:
         the sequence's generated K/V over the budget, then the best one that fits) or ``argmax``
         (the paper's eq. 3; may exceed the budget).
     router: mixSGA only: ``learned`` or ``random`` (ablation: tokens drawn to the target ratio).
-    decode_kernel: mixSGA/GQA inference: ``torch`` (expand the cache to H_kv heads, then the model's
-        own attention) or ``triton`` (decode steps read the mixed cache with the fused kernel in
-        ``triton_decode.py``; falls back to ``torch`` with one warning where it cannot run, see
-        ``decode_kernel.py``). Prefill and training always use the model's own attention.
+    decode_kernel: mixSGA/GQA inference: ``torch`` (each expert's segment read at its own head
+        count, ``segment_attention.py``) or ``triton`` (decode steps read the mixed cache with the
+        fused kernel in ``triton_decode.py``; falls back to ``torch`` with one warning where it
+        cannot run, see ``decode_kernel.py``).
     """
 
     method: str = "mha"
@@ -52,6 +57,7 @@ class AttentionConfig:
     cla_init: str = "first"
     expert_kv_heads: list[int] | None = None
     ratio: Any = field(default_factory=lambda: [3, 1, 6])
+    layer_ratios: Any = None
     alpha: float = 1.0
     router_grad: str = "counterfactual"
     decode_policy: str = "budget"

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from ..budget import format_ratio, mixsga_budget, normalise_ratio, paper_expert_kv_heads, parse_ratio
+from ..budget import (
+    format_ratio,
+    mixsga_budget,
+    normalise_ratio,
+    paper_expert_kv_heads,
+    parse_layer_ratios,
+    parse_ratio,
+)
 from ..heads import HeadGrouping
 from ..projections import MixedHeadProjection
 from ..routing import DECODE_POLICIES, RoutingContext, TokenRouter
@@ -20,14 +27,17 @@ ROUTERS = ("learned", "random")
 @register_attention_method
 @dataclass(kw_only=True)
 class MixSGAAttention(ResolvedAttention):
-    """expert_kv_heads: KV heads per expert, most expensive first; ratio: normalised capacity shares;
-    alpha, router_grad, decode_policy, router: see ``AttentionConfig``."""
+    """expert_kv_heads: KV heads per expert, most expensive first; ratio: normalised capacity shares
+    (with ``layer_ratios``: their mean over layers, which has the same budget); layer_ratios: one
+    normalised ratio per layer, or None (every layer uses ``ratio``); alpha, router_grad,
+    decode_policy, router: see ``AttentionConfig``."""
 
     method = "mixsga"
     decode_kernel_ready = True
 
     expert_kv_heads: list[int]
     ratio: list[float]
+    layer_ratios: list[list[float]] | None = None
     alpha: float = 1.0
     router_grad: str = "counterfactual"
     decode_policy: str = "budget"
@@ -47,13 +57,18 @@ class MixSGAAttention(ResolvedAttention):
             )
         if len(heads) > 255:
             raise ConfigError("attention.expert_kv_heads", "at most 255 experts (expert ids are stored as uint8)")
-        ratio = parse_ratio(cfg.ratio)
+        layer_ratios = None
+        if cfg.layer_ratios is not None:
+            layer_ratios = parse_layer_ratios(cfg.layer_ratios, len(heads), num_layers)
+            ratio = [sum(shares) / num_layers for shares in zip(*layer_ratios)]  # budget is linear in the ratio
+        else:
+            ratio = parse_ratio(cfg.ratio)
         budget = mixsga_budget(ratio, heads, native_kv_heads)
         if cfg.budget is not None and abs(budget - cfg.budget) > 1e-6:
             raise ConfigError(
                 "attention.budget",
-                f"{cfg.budget} disagrees with ratio {format_ratio(ratio)} over experts {heads} ({budget:.4g}); "
-                "drop budget or change the ratio",
+                f"{cfg.budget} disagrees with {'layer_ratios' if layer_ratios else 'ratio'} "
+                f"{format_ratio(ratio)} over experts {heads} ({budget:.4g}); drop budget or change the ratio",
             )
         for key, value, choices in (
             ("router_grad", cfg.router_grad, ROUTER_GRADS),
@@ -70,6 +85,7 @@ class MixSGAAttention(ResolvedAttention):
             kv_budget=budget,
             expert_kv_heads=heads,
             ratio=normalise_ratio(ratio),
+            layer_ratios=layer_ratios,
             alpha=cfg.alpha,
             router_grad=cfg.router_grad,
             decode_policy=cfg.decode_policy,
@@ -78,7 +94,14 @@ class MixSGAAttention(ResolvedAttention):
         )
 
     def detail(self) -> str:
-        return f"{format_ratio([round(r, 6) for r in self.ratio])} over KV heads {self.expert_kv_heads}"
+        if self.layer_ratios is None:
+            return f"{format_ratio([round(r, 6) for r in self.ratio])} over KV heads {self.expert_kv_heads}"
+        per_layer = " / ".join(format_ratio([round(r, 4) for r in ratio]) for ratio in self.layer_ratios)
+        return f"per-layer ratios {per_layer} over KV heads {self.expert_kv_heads}"
+
+    def layer_ratio(self, layer_idx: int) -> list[float]:
+        """The capacity shares of layer ``layer_idx``'s router."""
+        return self.ratio if self.layer_ratios is None else self.layer_ratios[layer_idx]
 
     def routing_context(self) -> RoutingContext:
         return RoutingContext(decode_policy=self.decode_policy)
@@ -105,7 +128,8 @@ class MixSGAAttention(ResolvedAttention):
         }
 
     def weights_key(self) -> tuple:
-        return (*super().weights_key(), self.expert_kv_heads, [round(x, 6) for x in self.ratio])
+        per_layer = [[round(x, 6) for x in r] for r in self.layer_ratios] if self.layer_ratios else None
+        return (*super().weights_key(), self.expert_kv_heads, [round(x, 6) for x in self.ratio], per_layer)
 
     def convert_layer(self, attn, layer_idx, target):
         groupings = [HeadGrouping(self.native_kv_heads, k) for k in self.expert_kv_heads]
@@ -113,7 +137,7 @@ class MixSGAAttention(ResolvedAttention):
         costs = [k / self.native_kv_heads for k in self.expert_kv_heads]
         router = TokenRouter(
             target.hidden_size,
-            self.ratio,
+            self.layer_ratio(layer_idx),
             layer_idx,
             target.context,
             self.router_grad,
