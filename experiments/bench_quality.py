@@ -23,6 +23,7 @@ On a shared 2-core machine use OMP_NUM_THREADS=1 (two threads per process thrash
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -67,8 +68,20 @@ def common(args) -> list[str]:
     ]
 
 
+def layer_allocation_methods(path: Path) -> list[tuple[str, list[str], bool]]:
+    """One ``mixsga_<budget>_layers`` run per allocation in a ``layer_allocation.json``
+    (``experiments/layer_allocation.py``): per-layer ratios over the same experts."""
+    out = []
+    for allocation in json.loads(path.read_text())["allocations"]:
+        name = f"mixsga_{round(100 * allocation['budget'])}_layers"
+        out.append((name, MIX + [allocation["override"]], True))
+    return out
+
+
 def plan(args) -> list[tuple[str, list[str]]]:
     methods = METHODS + ([DEGENERATE] if args.with_degenerate else [])
+    if args.layer_allocation:
+        methods += layer_allocation_methods(ROOT / args.layer_allocation)
     # first seed of every method in METHODS order, then the extra seeds of the 50% points
     runs = [(f"{name}_s{args.seeds[0]}", over + [f"seed={args.seeds[0]}"]) for name, over, _ in methods]
     extra_seeds = [
@@ -99,6 +112,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(
         "--with-degenerate", action="store_true", help="also run mixSGA 0:1 (33%%, = GQA-1 + an unused router)"
+    )
+    p.add_argument(
+        "--layer-allocation",
+        type=Path,
+        default=None,
+        help="a layer_allocation.json (experiments/layer_allocation.py): add its per-layer-ratio runs",
     )
     p.add_argument("--only", nargs="*", help="run only runs whose name contains one of these")
     p.add_argument(

@@ -16,7 +16,8 @@
 Extra run sets (seed 0 unless --all-seeds): ``--router-sweep`` (router_grad x trainer.router_lr_mult
 at 3:1:6), ``--ratio-grid`` (every 50% ratio over [8, 4, 2] on a 0.05 grid, 0:1:0 included, paper
 eq. 11). ``--only`` keeps the runs whose name matches one of its shell patterns (two processes can
-split the work), ``--pretrained`` reuses another output folder's pretrained model, ``--mix`` adds
+split the work), ``--pretrained`` reuses another output folder's pretrained model, ``--layer-allocation`` adds the
+per-layer-ratio runs of a ``layer_allocation.py`` result, ``--mix`` adds
 overrides to every mixSGA run (e.g. the chosen router defaults).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +52,25 @@ METHODS = [
 
 ROUTER_GRADS = ("straight_through", "counterfactual", "aux_only")
 ROUTER_LR_MULTS = (1, 10, 30)
+
+
+def layer_allocation_methods(path: Path) -> list[tuple[str, list[str], bool]]:
+    """The --layer-allocation runs: the 50% per-layer ratios of ``experiments/layer_allocation.py``
+    (``mixsga_50_layers``) and the same layer budgets with every half-KV layer using the paper's
+    3:1:6 token routing instead of all tokens at 4 heads (``mixsga_50_layers_tokens``)."""
+    allocation = next(a for a in json.loads(path.read_text())["allocations"] if abs(a["budget"] - 0.5) < 1e-9)
+    rows = allocation["layer_ratios"]
+    tokens = [[0.3, 0.1, 0.6] if row == [0, 1, 0] else row for row in rows]
+
+    def override(layer_ratios):
+        return (
+            "attention.layer_ratios=[" + ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in layer_ratios) + "]"
+        )
+
+    out = [("mixsga_50_layers", MIX + [override(rows)], True)]
+    if tokens != rows:
+        out.append(("mixsga_50_layers_tokens", MIX + [override(tokens)], True))
+    return out
 
 
 def extra_methods(router_sweep: bool, ratio_grid: bool) -> list[tuple[str, list[str], bool]]:
@@ -93,6 +114,12 @@ def main() -> None:
     p.add_argument("--router-sweep", action="store_true", help="router_grad x router_lr_mult at 3:1:6 (seed 0)")
     p.add_argument("--ratio-grid", action="store_true", help="the 50%% ratio grid over [8,4,2], 0:1:0 included")
     p.add_argument("--only", nargs="+", default=None, help="shell patterns of run names to keep, e.g. 'gqa*' 'cla*'")
+    p.add_argument(
+        "--layer-allocation",
+        type=Path,
+        default=None,
+        help="a layer_allocation.json (experiments/layer_allocation.py): add the per-layer-ratio runs",
+    )
     p.add_argument("--pretrained", default=None, help="an output folder whose pretrain_mha/ to reuse")
     p.add_argument("--mix", nargs="*", default=[], help="extra overrides for every mixSGA run")
     p.add_argument("--all-seeds", action="store_true", help="run every method with every seed")
@@ -138,6 +165,8 @@ def main() -> None:
     ]
     runs = []
     methods = METHODS + extra_methods(args.router_sweep, args.ratio_grid)
+    if args.layer_allocation:
+        methods += layer_allocation_methods(ROOT / args.layer_allocation)
     for i, seed in enumerate(args.seeds):
         for name, over, every_seed in methods:
             tag = f"{name}_s{seed}"

@@ -6,7 +6,7 @@ loss on calibration blocks from the task's *training* split (never the evaluatio
 increase over the all-expert-0 model is the sensitivity s[l][e]; ``allocate_layer_ratios`` then
 solves the linear program "minimise the summed increase at mean budget B" (budget.py), which puts
 the budget where the loss says it matters. Writes ``<out>/layer_allocation.json`` (sensitivities,
-ratios, budget, the command) and prints the override for ``mixsga_train.train``:
+the ratios for each ``--budget``, the command) and prints the override for ``mixsga_train.train``:
 
     .venv/bin/python experiments/layer_allocation.py --budget 0.5 --out outputs/layer_alloc \\
         model=tiny_llama_mha8 model.source=local model.path=outputs/bench_replica_600/pretrain_mha/model \\
@@ -53,7 +53,7 @@ def one_hot_layers(num_layers: int, num_experts: int, layer: int | None, expert:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, required=True, help="mean KV budget of the allocation, e.g. 0.5")
+    p.add_argument("--budget", type=float, nargs="+", required=True, help="mean KV budget(s) to allocate, e.g. 0.5")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens from the training split")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", required=True, help="folder for layer_allocation.json")
@@ -86,26 +86,32 @@ def main() -> None:
             row.append(loss_with(one_hot_layers(num_layers, len(heads), layer, expert)) - reference)
         sensitivity.append(row)
         print(f"layer {layer:2d}: loss increase per expert {[round(s, 4) for s in row]}", flush=True)
-    shares = allocate_layer_ratios(sensitivity, costs, args.budget)
-    rounded = [[round(x, 4) for x in row] for row in shares]
-    override = "attention.layer_ratios=[" + ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in rounded) + "]"
-    realised = sum(c * x for row in rounded for c, x in zip(costs, row)) / num_layers
+    allocations = []
+    for budget in args.budget:
+        rounded = [[round(x, 4) for x in row] for row in allocate_layer_ratios(sensitivity, costs, budget)]
+        rows = ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in rounded)
+        allocated = sum(c * x for row in rounded for c, x in zip(costs, row)) / num_layers
+        allocations.append(
+            {
+                "budget": budget,
+                "allocated_budget": allocated,
+                "layer_ratios": rounded,
+                "override": f"attention.layer_ratios=[{rows}]",
+            }
+        )
+        print(f"{budget:g}: {' / '.join(format_ratio(r) for r in rounded)} (budget {allocated:.4f})")
+        print(allocations[-1]["override"])
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": " ".join(["experiments/layer_allocation.py", *sys.argv[1:]]),
         "expert_kv_heads": heads,
-        "budget": args.budget,
-        "allocated_budget": realised,
         "calibration_tokens": int(blocks.numel()),
         "reference_loss": reference,
         "sensitivity": sensitivity,
-        "layer_ratios": rounded,
-        "override": override,
+        "allocations": allocations,
     }
     (out / "layer_allocation.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"ratios: {' / '.join(format_ratio(r) for r in rounded)} (budget {realised:.4f})")
-    print(override)
 
 
 if __name__ == "__main__":

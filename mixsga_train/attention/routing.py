@@ -90,6 +90,7 @@ def budget_decode_route(
     spent: torch.Tensor,
     tokens: torch.Tensor,
     token_mask: torch.Tensor | None = None,
+    cheapest: int | None = None,
 ) -> torch.Tensor:
     """The ``budget`` decode policy: route tokens one position at a time so that, for every
     sequence and every prefix of its routed tokens, sum of costs <= budget * tokens (running quota).
@@ -97,7 +98,8 @@ def budget_decode_route(
     scores: [B, L, E] router logits (higher = preferred); costs: [E] KV per token (fraction of
     native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e; spent [B]
     float64 and tokens [B] long: this sequence's running totals, updated in place; token_mask: [B, L],
-    False on padding (those get the cheapest allowed expert and count nothing). Each token takes its preferred expert if
+    False on padding (those get the cheapest allowed expert and count nothing); cheapest: that
+    expert's index if the caller knows it (saves a host sync per call). Each token takes its preferred expert if
     that keeps the total within quota, else the best-scoring one that does. The cheapest allowed
     expert always fits: budget is a convex combination of allowed costs, so c_min <= budget, and
     with spent <= budget * t, spent + c_min <= budget * (t + 1). Returns ids [B, L] long.
@@ -105,7 +107,8 @@ def budget_decode_route(
     batch, length, _ = scores.shape
     costs64 = costs.double().to(scores.device)
     allowed = allowed.to(scores.device)
-    cheapest = int(torch.where(allowed, costs64, math.inf).argmin())
+    if cheapest is None:
+        cheapest = int(torch.where(allowed, costs64, math.inf).argmin())
     ids = torch.empty(batch, length, dtype=torch.long, device=scores.device)
     for t in range(length):
         real = token_mask[:, t] if token_mask is not None else torch.ones(batch, dtype=torch.bool, device=ids.device)
@@ -234,6 +237,7 @@ class TokenRouter(nn.Module):
         self.layer_idx = layer_idx
         self.router_grad = router_grad
         self._no_capacity = torch.tensor([c == 0 for c in capacity])
+        self._cheapest = min((e for e in range(len(costs)) if capacity[e] > 0), key=lambda e: (costs[e], e))
         self.random = random
         if random:
             self.requires_grad_(False)
@@ -314,7 +318,14 @@ class TokenRouter(nn.Module):
         if mode == "argmax":
             return self.argmax(logits)
         return budget_decode_route(
-            logits.detach(), self._costs64, ~self._no_capacity, self.budget, self._spent, self._tokens, mask
+            logits.detach(),
+            self._costs64,
+            ~self._no_capacity,
+            self.budget,
+            self._spent,
+            self._tokens,
+            mask,
+            self._cheapest,
         )
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
