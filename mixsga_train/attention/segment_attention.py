@@ -189,8 +189,11 @@ def _flash_partial(layer, expert: int, query, mask, scaling, softcap):
     if keep is not None:
         if keep.dtype == torch.bool:
             keep = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, float("-inf"))
-        bias = keep.to(query.dtype)[:, None, None].expand(batch, 1, rep, new, length)
-        bias = bias.reshape(batch, 1, rep * new, length)  # one row per (query head of the group, token)
+        if new == 1:  # every query head of the group has the same row: the kernel broadcasts it
+            bias = keep.to(query.dtype)[:, None]
+        else:
+            bias = keep.to(query.dtype)[:, None, None].expand(batch, 1, rep, new, length)
+            bias = bias.reshape(batch, 1, rep * new, length)  # one row per (query head of the group, token)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         grouped, keys.transpose(0, 1), values.transpose(0, 1), 0.0, False, attn_mask=bias, scale=scaling
     )
