@@ -14,10 +14,10 @@ expert buffers directly:
   (Gemma 2) and masked exactly like the family's eager attention; the mask the model built in
   token order is gathered at the positions the segment's slots hold (sliding windows and padding
   included).
-* The partial softmaxes are merged by log-sum-exp (flash-decoding style): per segment the row
-  maximum ``m_e``, the sum ``l_e`` of ``exp(s - m_e)`` and ``o_e = exp(s - m_e) V_e``; then
-  ``out = sum_e exp(m_e - m) o_e / sum_e exp(m_e - m) l_e`` with ``m = max_e m_e``. This equals one
-  softmax over all cached tokens (paper eq. 2 with the heterogeneous K/V of eqs. 6-9).
+* The partial softmaxes are merged by log-sum-exp (flash-decoding style): per segment the output
+  ``o_e`` normalised over that segment and its log-sum-exp ``lse_e`` of the scores; then
+  ``out = sum_e softmax_e(lse) o_e``. This equals one softmax over all cached tokens (paper eq. 2
+  with the heterogeneous K/V of eqs. 6-9).
 * One expert (GQA; CLA owners keep one native-size expert) without softcapping calls torch's SDPA
   with ``enable_gqa`` on the buffer as stored.
 
@@ -129,14 +129,11 @@ def segment_attention(layer, query: torch.Tensor, attention_mask, scaling=None, 
     experts = [e for e in range(layer.num_experts) if layer.lengths[e]]  # an empty segment adds nothing
     partials = [partial(layer, e, query, mask, scaling, softcap) for e in experts]
     if len(partials) == 1:
-        out, _, norm = partials[0]
-        return (out / norm).to(query.dtype).transpose(1, 2)
-    top = torch.stack([m for _, m, _ in partials]).amax(0)
-    out = norm = 0
-    for partial_out, row_max, row_sum in partials:
-        weight = torch.exp(row_max - top)
-        out, norm = out + weight * partial_out, norm + weight * row_sum
-    return (out / norm).to(query.dtype).transpose(1, 2)
+        return partials[0][0].to(query.dtype).transpose(1, 2)
+    outs = torch.stack([out for out, _ in partials])  # [E, B, H_q, n, d_v], each normalised over its segment
+    lses = torch.stack([lse for _, lse in partials])  # [E, B, H_q, n, 1]
+    out = (torch.softmax(lses, dim=0) * outs).sum(0)  # weight of segment e: exp(lse_e) / sum_e' exp(lse_e')
+    return out.to(query.dtype).transpose(1, 2)
 
 
 def _even(grouping) -> bool:
@@ -175,7 +172,7 @@ def _segment_keep(layer, keys_length, positions, valid, mask, batch, new, device
 
 def _flash_partial(layer, expert: int, query, mask, scaling, softcap):
     """CPU: one expert's partial attention by torch's fused flash kernel, which also returns the
-    log-sum-exp of each row: (o [B, H_q, n, d_v] normalised, lse [B, H_q, n, 1], ones)."""
+    log-sum-exp of each row: (o [B, H_q, n, d_v] normalised over the segment, lse [B, H_q, n, 1])."""
     batch, q_heads, new, d = query.shape
     keys, values, positions, valid = layer.segment(expert)
     if not _even(layer.groupings[expert]):
@@ -203,11 +200,12 @@ def _flash_partial(layer, expert: int, query, mask, scaling, softcap):
         # (the kernel returns lse 0, not -inf, for a row whose bias is -inf everywhere)
         empty = ~torch.isfinite(lse) | torch.isneginf(keep).all(-1)[:, None, :, None]
         out, lse = out.masked_fill(empty, 0.0), lse.masked_fill(empty, float("-inf"))
-    return out, lse, torch.ones_like(lse)
+    return out, lse
 
 
 def _segment_partial(layer, expert: int, query, mask, scaling, softcap):
-    """One expert's partial attention: (o [B, H_q, n, d_v] fp32, row max m and sum l [B, H_q, n, 1])."""
+    """One expert's partial attention: (o [B, H_q, n, d_v] fp32 normalised over the segment, its
+    log-sum-exp [B, H_q, n, 1]; -inf with o = 0 for a row that sees no slot of the segment)."""
     batch, q_heads, new, d = query.shape
     keys, values, positions, valid = layer.segment(expert)
     if not _even(layer.groupings[expert]):  # uneven head groups: expand this segment to the native heads
@@ -234,4 +232,5 @@ def _segment_partial(layer, expert: int, query, mask, scaling, softcap):
     def to_query_heads(t):  # [k, B, rep, n, x] -> [B, H_q, n, x]
         return t.reshape(heads, batch, rep, new, -1).transpose(0, 1).reshape(batch, q_heads, new, -1)
 
-    return to_query_heads(out), to_query_heads(top), to_query_heads(norm)
+    out, top, norm = to_query_heads(out), to_query_heads(top), to_query_heads(norm)
+    return out / norm.clamp_min(torch.finfo(norm.dtype).tiny), top + norm.log()
