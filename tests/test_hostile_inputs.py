@@ -598,7 +598,6 @@ def test_a_saved_mha_run_loads_back_as_its_base_model(tmp_path):
     from types import SimpleNamespace
 
     import torch
-
     from tiny import byte_bpe_tokenizer, tiny_model
 
     from mixsga_train.attention import AttentionConfig, convert_model

@@ -63,7 +63,9 @@ def parse_layer_ratios(layer_ratios: list | tuple, num_experts: int, num_layers:
     if isinstance(layer_ratios, str) or not isinstance(layer_ratios, (list, tuple)):
         raise ConfigError(key, f"{layer_ratios!r} is not a list; give one ratio per layer, e.g. [[1,0,0],[0,0,1]]")
     if len(layer_ratios) != num_layers:
-        raise ConfigError(key, f"has {len(layer_ratios)} entries but the model has {num_layers} layers; give one per layer")
+        raise ConfigError(
+            key, f"has {len(layer_ratios)} entries but the model has {num_layers} layers; give one per layer"
+        )
     out = []
     for i, ratio in enumerate(layer_ratios):
         shares = parse_ratio(ratio, key=f"{key}[{i}]")
