@@ -237,6 +237,30 @@ def test_training_routing_and_mixing_do_not_sync_with_the_host():
     assert check.calls == ["aten::_local_scalar_dense", "aten::nonzero"]
 
 
+def test_top_k_routing_of_a_padded_batch_reads_nothing_back_to_the_host(monkeypatch):
+    """The per-row capacities of a padded batch come from a gather on the device, not from
+    ``.tolist()`` / ``.item()`` of its real-token counts (those wait for the device on a GPU)."""
+    from mixsga_train.attention.routing import capacity_counts, progressive_topk
+
+    scores = torch.rand(3, 12, 3)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[2, :11] = False
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read-back in top-k routing")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    with SyncCounter() as counter:
+        ids = progressive_topk(scores, [0.3, 0.1, 0.6], [1.0, 0.5, 0.25], mask)
+    monkeypatch.undo()
+    assert counter.calls == []
+    for row, n in enumerate((12, 7, 1)):
+        counts = torch.bincount(ids[row][mask[row]], minlength=3)
+        assert tuple(counts.tolist()) == capacity_counts(n, (0.3, 0.1, 0.6), (1.0, 0.5, 0.25))
+
+
 def test_an_expert_without_tokens_is_skipped():
     """Ratio 1:1:0 leaves the last expert empty (no padding: padding tokens go to the last expert)."""
     model = converted("llama", dict(method="mixsga", ratio="1:1:0"))

@@ -51,6 +51,14 @@ def capacity_counts(n: int, capacity: tuple[float, ...], costs: tuple[float, ...
     return tuple(counts[e] + (e in up) for e in range(len(costs)))
 
 
+@lru_cache(maxsize=64)
+def capacity_table(length: int, capacity: tuple[float, ...], costs: tuple[float, ...], device: str) -> torch.Tensor:
+    """[length + 1, E] long on ``device``: row n holds ``capacity_counts(n, ...)``, so a batch's
+    per-row quotas are one gather by its real-token counts, on the device (no host sync)."""
+    rows = [capacity_counts(n, capacity, costs) for n in range(length + 1)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def progressive_topk(
     scores: torch.Tensor, capacity: list[float], costs: list[float], token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -66,10 +74,8 @@ def progressive_topk(
     if token_mask is None:
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
     free = token_mask.clone()
-    n_real = token_mask.sum(dim=1).tolist()
-    quota = torch.tensor(
-        [capacity_counts(int(n), tuple(capacity), tuple(costs)) for n in n_real], dtype=torch.long, device=scores.device
-    ).view(batch, experts)
+    table = capacity_table(length, tuple(capacity), tuple(costs), str(scores.device))
+    quota = table[token_mask.sum(dim=1)]  # [B, E]
     ids = torch.full((batch, length), experts - 1, dtype=torch.long, device=scores.device)
     positions = torch.arange(length, device=scores.device).expand(batch, length)
     for e in range(experts - 1):
