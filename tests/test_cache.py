@@ -142,3 +142,26 @@ def test_build_cache_is_the_generate_default_and_can_be_passed_explicitly():
         prompt, cache=cache, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0
     )
     assert out.cache is cache and cache.get_seq_length() == 10
+
+
+def test_generate_plans_the_buffers_for_prompt_plus_new_tokens():
+    """generate() allocates each buffer once for prompt + max_new_tokens - 1 cached tokens: a GQA
+    cache ends with no slack; mixSGA's experts start at their ratio's share (+1 scratch slot) and
+    the tokens are what an unplanned, growing cache decodes."""
+    base = tiny_model("llama")
+    prompt = torch.randint(1, 96, (2, 40))
+    gqa = converted(base, method="gqa", budget=0.5)
+    _, cache = greedy(gqa, prompt, new=25)
+    assert cache.get_seq_length() == 64 and cache.nbytes_reserved() == cache.nbytes()
+    assert all(layer.key_buffers[0].shape[2] == 64 for layer in cache.layers)
+    unplanned = build_cache(gqa)
+    gqa.generate(prompt, cache=unplanned, max_new_tokens=25, do_sample=False, pad_token_id=0)
+    assert unplanned.nbytes_reserved() > cache.nbytes_reserved()  # grown 16 -> ... -> 64+ with 1.25x slack
+
+    mix = converted(base, method="mixsga", ratio="3:1:6")
+    planned_tokens, planned = greedy(mix, prompt, new=25)
+    sizes = [b.shape[2] for b in planned.layers[0].key_buffers]
+    assert all(size >= want for size, want in zip(sizes, [21, 8, 40]))  # ceil(0.3/0.1/0.6 x 64) + 1, or grown
+    grown = build_cache(mix)
+    grown_tokens = mix.generate(prompt, cache=grown, max_new_tokens=25, do_sample=False, pad_token_id=0)
+    assert torch.equal(planned_tokens, grown_tokens) and planned.nbytes() == grown.nbytes()

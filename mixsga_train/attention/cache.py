@@ -4,7 +4,9 @@
   ``[k_e, B, capacity_e, d_h]`` holding only the tokens routed there, at that expert's head count,
   plus a uint8 expert id per token and (with more than one expert) each slot's token position
   (paper section 1.11). Buffers grow geometrically (``GROWTH``), so an append writes only the
-  new tokens; the slack between bytes in use and bytes reserved is real memory.
+  new tokens; the slack between bytes in use and bytes reserved is real memory. ``generate()``
+  plans them for prompt + ``max_new_tokens`` up front (``KVBudgetCache.plan``), so a GQA cache
+  holds no slack and a mixSGA one only what its decode routing takes beyond the ratio.
 * ``SharedKVLayer`` (CLA borrowers): stores nothing and reads its owner layer's cache.
 * ``DynamicLayer`` (transformers' own) for layers left as shipped (``mha``).
 
@@ -103,28 +105,47 @@ class MixedKVLayer(CacheLayerMixin):
         self._zero_ids: torch.Tensor | None = None
         self.seq_length = 0
         self.batch_size = 0
+        self.planned_tokens: int | None = None
 
     @property
     def num_experts(self) -> int:
         return len(self.groupings)
 
+    def plan(self, max_tokens: int) -> None:
+        """Size the buffers for ``max_tokens`` cached tokens per sequence when they are first built
+        (``generate()`` knows prompt + new tokens): one expert gets exactly that many slots; with
+        several, expert e gets ``ceil(rho_e * max_tokens)`` plus its scratch slot, and grows as usual
+        if its routing takes more."""
+        self.planned_tokens = max_tokens
+
+    def _planned_sizes(self) -> list[int]:
+        if self.planned_tokens is None:
+            return [0] * self.num_experts
+        if self.num_experts == 1:
+            return [self.planned_tokens]
+        return [math.ceil(r * self.planned_tokens) + 1 if r > 0 else 0 for r in self.router.capacity]
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         device = key_states.device
         self.device = device
         batch = self.batch_size = key_states.shape[0]
-        self.key_buffers = [key_states.new_zeros(g.kv_heads, batch, 0, key_states.shape[-1]) for g in self.groupings]
-        self.value_buffers = [
-            value_states.new_zeros(g.kv_heads, batch, 0, value_states.shape[-1]) for g in self.groupings
+        sizes = self._planned_sizes()
+        self.key_buffers = [
+            key_states.new_zeros(g.kv_heads, batch, n, key_states.shape[-1]) for g, n in zip(self.groupings, sizes)
         ]
+        self.value_buffers = [
+            value_states.new_zeros(g.kv_heads, batch, n, value_states.shape[-1]) for g, n in zip(self.groupings, sizes)
+        ]
+        tokens = self.planned_tokens or 0
         self.representative = [_head_selector(g, device) for g in self.groupings]
         self.expand_index = [g.expand_index.to(device) for g in self.groupings]
         self.lengths = [0] * self.num_experts
         if self.num_experts > 1:
             self.counts = torch.zeros(batch, self.num_experts, dtype=torch.long, device=device)
-            self.slot_positions = [torch.zeros(batch, 0, dtype=torch.int32, device=device) for _ in self.groupings]
-            self._ids = torch.zeros(batch, 0, dtype=torch.uint8, device=device)
+            self.slot_positions = [torch.zeros(batch, n, dtype=torch.int32, device=device) for n in sizes]
+            self._ids = torch.zeros(batch, tokens, dtype=torch.uint8, device=device)
         if self.decode_switch is not None:
-            self._token_slot = torch.zeros(batch, 0, dtype=torch.int32, device=device)
+            self._token_slot = torch.zeros(batch, tokens, dtype=torch.int32, device=device)
             self.expand_table = torch.stack(self.expand_index).to(torch.int32).contiguous()
         self.is_initialized = True
 
@@ -383,6 +404,13 @@ class KVBudgetCache(Cache):
 
     def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers=layers)
+
+    def plan(self, max_tokens: int) -> None:
+        """Size every mixed layer's buffers for ``max_tokens`` tokens per sequence (``MixedKVLayer.plan``);
+        call before the first forward. ``generate()`` on a converted model does it."""
+        for layer in self.layers:
+            if isinstance(layer, MixedKVLayer):
+                layer.plan(max_tokens)
 
     def nbytes(self) -> int:
         """Bytes in use (stored tokens' K/V and per-token metadata)."""

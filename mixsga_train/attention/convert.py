@@ -121,6 +121,7 @@ def convert_model(model: nn.Module, cfg: AttentionConfig | ResolvedAttention) ->
     model.__dict__[HANDLE] = ConvertedModel(resolved, context, layouts, switches)
     model.config.mixsga = resolved.to_dict()
     model.save_pretrained = MethodType(save_with_remote_code, model)  # a remote-code checkpoint (persistence.py)
+    model._prepare_cache_for_generation = MethodType(_prepare_planned_cache, model)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, with_kwargs=True)
     return resolved
@@ -164,6 +165,21 @@ def _before_forward(model, args, kwargs):
     context.token_mask = mask[:, -new_tokens:].bool() if mask is not None and mask.dim() == 2 and new_tokens else None
     context.decoding = cache is not None and cache.get_seq_length() > 0
     return args, kwargs
+
+
+def _prepare_planned_cache(
+    model, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+):
+    """``generate()``'s cache preparation, then its default ``DynamicCache`` replaced by this model's
+    ``KVBudgetCache`` planned for ``max_cache_length`` tokens (prompt + new tokens - 1), so its
+    buffers are allocated once instead of grown. A cache the caller passed is left alone."""
+    type(model)._prepare_cache_for_generation(
+        model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    )
+    cache = model_kwargs.get("cache")
+    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        cache = model_kwargs["cache"] = build_cache(model)
+        cache.plan(max_cache_length)
 
 
 def _wants_cache(model, kwargs) -> bool:
