@@ -115,15 +115,20 @@ def budget_decode_route(
     allowed = allowed.to(scores.device)
     if cheapest is None:
         cheapest = int(torch.where(allowed, costs64, math.inf).argmin())
+    preference = scores.float().masked_fill(~allowed, -math.inf)  # an expert without capacity never fits
     ids = torch.empty(batch, length, dtype=torch.long, device=scores.device)
     for t in range(length):
-        real = token_mask[:, t] if token_mask is not None else torch.ones(batch, dtype=torch.bool, device=ids.device)
-        quota = budget * (tokens + 1).double()
-        fits = (spent[:, None] + costs64[None, :] <= quota[:, None] + _EPS) & allowed
-        choice = scores[:, t].float().masked_fill(~fits, -math.inf).argmax(dim=-1)
-        choice = torch.where(real, choice, torch.full_like(choice, cheapest))
-        spent += torch.where(real, costs64[choice], torch.zeros_like(spent))
-        tokens += real.long()
+        quota = (tokens + 1).double() * budget
+        fits = spent[:, None] + costs64 <= quota[:, None] + _EPS
+        choice = preference[:, t].masked_fill(~fits, -math.inf).argmax(dim=-1)
+        if token_mask is None:
+            spent += costs64[choice]
+            tokens += 1
+        else:
+            real = token_mask[:, t]
+            choice = torch.where(real, choice, cheapest)
+            spent += torch.where(real, costs64[choice], 0.0)
+            tokens += real
         ids[:, t] = choice
     return ids
 
