@@ -86,6 +86,16 @@ def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
         )
 
 
+def apply_inference_settings(model, resolved) -> None:
+    """The run config's routing settings that do not change the weights (``decode_policy``), so
+    ``attention.decode_policy=...`` re-evaluates a checkpoint under another policy."""
+    from .attention import converted
+
+    handle = converted(model)
+    if handle is not None:
+        handle.context.decode_policy = resolved.routing_context().decode_policy
+
+
 def read_config(config_file: Path, overrides: list[str]):
     """The run's saved config with the overrides (``apply_overrides``); unreadable YAML or a bad
     override is a ConfigError."""
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model = load_converted(checkpoint)
+        apply_inference_settings(model, resolved)
         tokenizer = load_tokenizer(checkpoint)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

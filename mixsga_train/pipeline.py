@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import convert_model
+from .attention import calibrate_decode_thresholds, convert_model, converted
 from .attention.config import ResolvedAttention
 from .config import RunConfig
 from .data.config import TaskConfig
@@ -30,6 +30,7 @@ from .data.text import (
     load_text_splits,
     tokenize_corpus,
 )
+from .errors import ConfigError
 from .evaluation.generation import generate_and_score
 from .evaluation.kv import native_kv_bytes_per_token
 from .evaluation.perplexity import scored_words
@@ -133,7 +134,30 @@ def _stack(items: list[dict]) -> dict:
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
 
+CALIBRATION_TOKENS = 8192  # training tokens the ``calibrated`` decode policy's thresholds are fitted on
+
+
+def calibrate_for_decoding(model, data: TaskData, cfg: RunConfig) -> None:
+    """Under ``attention.decode_policy: calibrated``, fit the routers' decode thresholds on the first
+    ~CALIBRATION_TOKENS tokens of the training set (before every evaluation, since training moves
+    the routers). Nothing to do for other policies and methods."""
+    handle = converted(model)
+    if handle is None or handle.context.decode_policy != "calibrated":
+        return
+    if data.train is None or len(data.train) == 0:
+        raise ConfigError(
+            "attention.decode_policy", "'calibrated' needs training examples to fit its thresholds; use budget"
+        )
+    length = cfg.task.seq_len if cfg.task.kind == "lm" else cfg.task.max_len
+    count = min(len(data.train), -(-CALIBRATION_TOKENS // length))
+    size = cfg.trainer.eval_batch_size
+    items = [data.train[i] for i in range(count)]
+    batches = [data.collate(items[i : i + size]) for i in range(0, count, size)]
+    calibrate_decode_thresholds(model, batches)
+
+
 def evaluate(model, tokenizer, data: TaskData, cfg: RunConfig) -> EvalMetrics:
+    calibrate_for_decoding(model, data, cfg)
     if cfg.task.kind == "lm":
         return evaluate_lm(model, data.eval_blocks, data.eval_words, cfg.trainer.eval_batch_size, data.eval_labels)
     return evaluate_sft(

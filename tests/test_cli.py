@@ -57,6 +57,28 @@ def test_standalone_evaluate_reproduces_the_run_metrics(lm_run):
     )
 
 
+def test_standalone_evaluate_applies_a_decode_policy_override(lm_run):
+    """``attention.decode_policy=...`` re-evaluates the checkpoint under that policy (it does not
+    change the weights): ``calibrated`` fits its thresholds on the run's training data first."""
+    import json
+
+    run_dir, _ = lm_run
+    evals = {}
+    for policy in ("argmax", "calibrated"):
+        proc = run_cli(
+            [str(run_dir), f"attention.decode_policy={policy}", "--name", f"eval_{policy}"],
+            module="mixsga_train.evaluate",
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        evals[policy] = json.loads((run_dir / f"eval_{policy}.json").read_text())["eval"]
+    evals["budget"] = metrics(run_dir)["eval"]
+    causal = {p: tuple(e["expert_fractions"]["causal"]) for p, e in evals.items()}
+    assert len(set(causal.values())) == 3  # three policies, three routings of the same tokens
+    assert evals["calibrated"]["ppl"] == pytest.approx(evals["budget"]["ppl"], rel=1e-5)  # top-k is unchanged
+    for policy in ("budget", "calibrated"):  # 50% of native K/V plus the id and slot bytes, at most
+        assert evals[policy]["kv_share_decode"] <= 0.5 + 2 * (1 + 4) / metrics(run_dir)["kv_bytes_per_token_native"]
+
+
 def test_sft_run_writes_rouge_for_the_dolly_test_split(tmp_path):
     run_dir = tmp_path / "sft"
     proc = run_cli(

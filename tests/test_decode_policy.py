@@ -129,3 +129,69 @@ def test_one_to_zero_to_zero_decodes_like_the_original_and_zero_one_zero_like_gq
     assert torch.equal(generate(converted(base, method="mixsga", ratio="1:0:0"), prompt, mask)[0], original)
     gqa = generate(converted(base, method="gqa", kv_heads=2), prompt, mask)[0]
     assert torch.equal(generate(converted(base, method="mixsga", ratio="0:1:0"), prompt, mask)[0], gqa)
+
+
+def test_calibrated_thresholds_reproduce_top_k_on_a_known_score_distribution():
+    """Scores built so top-k's answer is known: i.i.d. logits, progressive top-k at 3:1:6 over long
+    sequences. The calibrated thresholds are the quantiles that leave 30% / (10/70) above them, and
+    the per-token rule then picks the same expert as top-k for nearly every token."""
+    from mixsga_train.attention.routing import calibrate_thresholds, progressive_topk
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 500, 3, generator=gen)
+    ids = progressive_topk(torch.sigmoid(logits), [0.3, 0.1, 0.6], [1.0, 0.5, 0.25])
+    tau = calibrate_thresholds(logits.reshape(-1, 3), ids.reshape(-1))
+    assert tau[2] == -float("inf")
+    normal = torch.distributions.Normal(0.0, 1.0)
+    assert tau[0].item() == pytest.approx(normal.icdf(torch.tensor(0.7)).item(), abs=0.03)
+    assert tau[1].item() == pytest.approx(normal.icdf(torch.tensor(1 - 1 / 7)).item(), abs=0.05)
+    rule = (logits > tau).long().argmax(-1)
+    assert (rule == ids).double().mean() > 0.97
+    shares = torch.bincount(rule.reshape(-1), minlength=3).double() / rule.numel()
+    torch.testing.assert_close(shares, torch.tensor([0.3, 0.1, 0.6], dtype=torch.float64), atol=0.01, rtol=0)
+
+
+def test_calibrated_policy_decodes_at_the_ratio_where_the_budget_policy_falls_short():
+    """A router whose logits favour the cheap expert: ``budget`` follows it and decodes far below the
+    budget; ``calibrated`` (thresholds fitted on top-k routing of training-like data) decodes at
+    the ratio's shares, and every prefix still holds the budget."""
+    from mixsga_train.attention import calibrate_decode_thresholds
+
+    base = tiny_model("llama")
+    prompts = torch.randint(1, 96, (4, 12))
+    shares = {}
+    for policy in ("budget", "calibrated"):
+        model = converted(base, method="mixsga", ratio="1:1:2", decode_policy=policy)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.router.proj.bias.copy_(torch.tensor([-1.0, 0.0, 3.0]))
+        calibrate_decode_thresholds(model, [{"input_ids": torch.randint(1, 96, (8, 64))}])
+        ctx = routing_context(model)
+        ctx.mode = "causal"
+        with torch.no_grad():
+            model(input_ids=torch.randint(1, 96, (8, 200)))
+        ids = torch.cat([layer.self_attn.router.last_ids for layer in model.model.layers])
+        assert (prefix_shares(ids, COSTS) <= 0.5 + 1e-12).all()
+        shares[policy] = torch.bincount(ids.reshape(-1), minlength=3).double() / ids.numel()
+        if policy == "calibrated":  # generate(): top-k prompt, then the policy on generated tokens alone
+            ctx.mode = "auto"
+            _, cache, _ = generate(model, prompts, torch.ones_like(prompts))
+            for layer in cache.layers:
+                assert (prefix_shares(layer.expert_ids[:, 12:].long(), COSTS) <= 0.5 + 1e-12).all()
+    assert shares["budget"][2] > 0.9  # the router's argmax: nearly everything in the cheapest expert
+    ratio = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(shares["calibrated"], ratio, atol=0.06, rtol=0)
+
+
+def test_calibrated_policy_refuses_uncalibrated_routers_and_survives_save_and_load(tmp_path):
+    from mixsga_train.attention import calibrate_decode_thresholds, load_converted
+
+    model = converted(tiny_model("llama"), method="mixsga", ratio="3:1:6", decode_policy="calibrated")
+    routing_context(model).mode = "causal"
+    with pytest.raises(RuntimeError, match="run calibrate_decode_thresholds"):
+        model(input_ids=torch.randint(1, 96, (1, 8)))
+    thresholds = calibrate_decode_thresholds(model, [{"input_ids": torch.randint(1, 96, (4, 40))}])
+    model.save_pretrained(tmp_path)
+    loaded = load_converted(tmp_path)
+    for layer, want in zip(loaded.model.layers, thresholds):
+        torch.testing.assert_close(layer.self_attn.router.decode_thresholds, want)

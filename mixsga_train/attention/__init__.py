@@ -38,6 +38,7 @@ __all__ = [
     "routing_context",
 ]
 
+from .calibration import calibrate_decode_thresholds  # noqa: E402
 from .persistence import load_converted, saved_attention  # noqa: E402
 
-__all__ += ["load_converted", "saved_attention"]
+__all__ += ["calibrate_decode_thresholds", "load_converted", "saved_attention"]

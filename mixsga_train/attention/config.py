@@ -42,8 +42,10 @@ class AttentionConfig:
         score, as a K/V scale) or ``aux_only`` (none: the aux loss alone, the paper's literal eq. 9).
     decode_policy: mixSGA only: routing of generated tokens (and of every token under causal
         routing): ``budget`` (running quota: the router's preferred expert unless that would take
-        the sequence's generated K/V over the budget, then the best one that fits) or ``argmax``
-        (the paper's eq. 3; may exceed the budget).
+        the sequence's generated K/V over the budget, then the best one that fits), ``calibrated``
+        (the same quota, but the preferred expert is the first whose logit clears a threshold
+        calibrated on training data so that decode shares follow top-k's, ``calibration.py``) or
+        ``argmax`` (the paper's eq. 3; may exceed the budget).
     router: mixSGA only: ``learned`` or ``random`` (ablation: tokens drawn to the target ratio).
     decode_kernel: mixSGA/GQA inference: ``torch`` (each expert's segment read at its own head
         count, ``segment_attention.py``) or ``triton`` (decode steps read the mixed cache with the

@@ -15,8 +15,9 @@ from torch import nn
 
 # per-token routing modes of RoutingContext; "causal" applies the configured decode policy to every token
 ROUTING_MODES = ("auto", "topk", "argmax", "causal", "fixed")
-DECODE_POLICIES = ("budget", "argmax")
+DECODE_POLICIES = ("budget", "calibrated", "argmax")
 _EPS = 1e-9
+_MARGIN = 1e4  # lifts the calibrated choice above every logit in the quota's ranking
 
 
 @lru_cache(maxsize=4096)
@@ -133,6 +134,28 @@ def budget_decode_route(
     return ids
 
 
+def calibrate_thresholds(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logit thresholds that make progressive top-k (eq. 2) a per-token rule, from top-k decisions.
+
+    logits: [N, E] router logits of N real tokens; ids: [N] the experts top-k gave them. Top-k
+    lets expert e take the highest-scoring tokens not taken by experts before it; over many tokens
+    that is "z_e above a threshold tau_e". tau_e is the quantile of z_e over the tokens still free
+    at expert e (ids >= e) that leaves above it the share top-k gave e among them. Returns [E]
+    float32: tau_e; +inf for an expert top-k gave nothing, -inf for one that took every token
+    still free (the last expert with tokens), so every token has a first expert above threshold.
+    """
+    experts = logits.shape[-1]
+    thresholds = torch.full((experts,), -math.inf)
+    for e in range(experts):
+        free = ids >= e
+        share = (ids[free] == e).double().mean().item() if free.any() else 0.0
+        if share <= 0:
+            thresholds[e] = math.inf
+        elif share < 1:
+            thresholds[e] = torch.quantile(logits[free, e].float().cpu(), 1 - share, interpolation="midpoint")
+    return thresholds
+
+
 def expert_counts(ids: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[E] long: how many real tokens each expert received."""
     real = ids if token_mask is None else ids[token_mask]
@@ -185,7 +208,9 @@ class RoutingContext:
     eq. 3 for every token), ``causal`` (the decode policy for every token, in order: what decoding
     really does, so perplexity under it is causal) or ``fixed`` (replay ``fixed_ids[layer]``, used
     to check decoding against recomputation). decode_policy (one of DECODE_POLICIES): ``budget``
-    (running quota, see ``budget_decode_route``) or ``argmax`` (eq. 3, the paper's protocol).
+    (running quota over the router's argmax preference, see ``budget_decode_route``),
+    ``calibrated`` (the same quota over the preference of top-k's calibrated thresholds,
+    ``TokenRouter.decode_thresholds``) or ``argmax`` (eq. 3, the paper's protocol).
     The top-level model's forward pre-hook fills ``token_mask`` and ``decoding`` for each call.
     """
 
@@ -222,6 +247,11 @@ class TokenRouter(nn.Module):
     step. The router remembers its last logits and ids for the aux loss (``aux_loss()``) and the
     cache (``last_ids``), and its last input only by weak reference (so K and V share one decision
     without keeping the [B, L, D] activation alive).
+
+    ``decode_thresholds`` [E] (a saved buffer; NaN until ``calibrate_decode_thresholds`` in
+    ``calibration.py`` sets it): the logit thresholds of ``calibrate_thresholds``. Under the
+    ``calibrated`` decode policy a token prefers the first expert e with z_e > tau_e (progressive
+    top-k applied one token at a time), then the budget quota applies as for ``budget``.
     """
 
     def __init__(
@@ -249,6 +279,7 @@ class TokenRouter(nn.Module):
         self.router_grad = router_grad
         self._no_capacity = torch.tensor([c == 0 for c in capacity])
         self._cheapest = min((e for e in range(len(costs)) if capacity[e] > 0), key=lambda e: (costs[e], e))
+        self.register_buffer("decode_thresholds", torch.full((len(capacity),), math.nan))
         self.random = random
         if random:
             self.requires_grad_(False)
@@ -329,7 +360,7 @@ class TokenRouter(nn.Module):
         if mode == "argmax":
             return self.argmax(logits)
         return budget_decode_route(
-            logits.detach(),
+            self.decode_preference(logits.detach()),
             self._costs64,
             ~self._no_capacity,
             self.budget,
@@ -338,6 +369,20 @@ class TokenRouter(nn.Module):
             mask,
             self._cheapest,
         )
+
+    def decode_preference(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, L, E] scores the budget quota ranks experts by: the logits (``budget``), or, under
+        ``calibrated``, the logits plus a margin on the first expert above its threshold."""
+        if self.context.decode_policy != "calibrated" or self.random:
+            return logits
+        thresholds = self.decode_thresholds.to(device=logits.device, dtype=logits.dtype)
+        if not self.context.decoding and torch.isnan(thresholds).any():  # checked once per sequence, not per step
+            raise RuntimeError(
+                f"layer {self.layer_idx}: decode_policy 'calibrated' needs thresholds; run "
+                "calibrate_decode_thresholds(model, batches) on training data first"
+            )
+        first = (logits > thresholds).long().argmax(dim=-1, keepdim=True)  # the first expert above its threshold
+        return logits + torch.zeros_like(logits).scatter_(-1, first, _MARGIN)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Decode routing (eq. 3) over the experts that the ratio gives tokens: [B, L, E] -> [B, L]."""
