@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -43,12 +44,26 @@ def mean_loss(model, blocks: torch.Tensor, batch: int) -> float:
     return sum(losses) / len(losses)
 
 
-def one_hot_layers(num_layers: int, num_experts: int, layer: int | None, expert: int) -> list[list[int]]:
-    """Every layer in expert 0 except ``layer`` (None: none) in ``expert``."""
-    rows = [[1] + [0] * (num_experts - 1) for _ in range(num_layers)]
+def one_hot_layers(
+    num_layers: int, num_experts: int, layer: int | None, expert: int, others: int = 0
+) -> list[list[int]]:
+    """Every layer in expert ``others`` except ``layer`` (None: none) in ``expert``."""
+    rows = [[int(e == others) for e in range(num_experts)] for _ in range(num_layers)]
     if layer is not None:
         rows[layer] = [int(e == expert) for e in range(num_experts)]
     return rows
+
+
+def enumerate_allocations(loss_with, costs: list[float], num_layers: int, budget: float) -> list[dict]:
+    """Every allocation giving each layer one expert with mean cost exactly ``budget``, measured
+    jointly (all layers converted at once), best first: what the additive model approximates."""
+    rows = []
+    for choice in itertools.product(range(len(costs)), repeat=num_layers):
+        if abs(sum(costs[e] for e in choice) / num_layers - budget) > 1e-9:
+            continue
+        layers = [[int(e == c) for e in range(len(costs))] for c in choice]
+        rows.append({"layers": list(choice), "loss": loss_with(layers)})
+    return sorted(rows, key=lambda r: r["loss"])
 
 
 def main() -> None:
@@ -57,6 +72,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens from the training split")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", required=True, help="folder for layer_allocation.json")
+    p.add_argument(
+        "--enumerate",
+        action="store_true",
+        help="also measure every one-expert-per-layer allocation at exactly each budget (small models only: E^L)",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides: model=..., task=..., attention.expert_kv_heads=...")
     args = p.parse_args()
     cfg = to_run_config(cli_checks.job_config(cli_checks.compose(["attention=mixsga", *args.overrides])))
@@ -91,16 +111,28 @@ def main() -> None:
         rounded = [[round(x, 4) for x in row] for row in allocate_layer_ratios(sensitivity, costs, budget)]
         rows = ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in rounded)
         allocated = sum(c * x for row in rounded for c, x in zip(costs, row)) / num_layers
+        predicted = reference + sum(x * s for row, sens in zip(rounded, sensitivity) for x, s in zip(row, sens))
+        uniform = [e for e, c in enumerate(costs) if abs(c - budget) < 1e-9]  # a single expert at this budget
         allocations.append(
             {
                 "budget": budget,
                 "allocated_budget": allocated,
                 "layer_ratios": rounded,
                 "override": f"attention.layer_ratios=[{rows}]",
+                "predicted_loss": predicted,  # additive model: reference + sum of the chosen sensitivities
+                "measured_loss": loss_with(rounded),  # the whole allocation converted at once
+                "uniform_loss": loss_with(one_hot_layers(num_layers, len(heads), None, 0, uniform[0]))
+                if uniform
+                else None,
             }
         )
         print(f"{budget:g}: {' / '.join(format_ratio(r) for r in rounded)} (budget {allocated:.4f})")
         print(allocations[-1]["override"])
+    if args.enumerate:
+        for allocation in allocations:
+            allocation["enumerated"] = enumerate_allocations(loss_with, costs, num_layers, allocation["budget"])
+            best = allocation["enumerated"][0]
+            print(f"{allocation['budget']:g}: best measured {best['layers']} loss {best['loss']:.4f}")
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     result = {
