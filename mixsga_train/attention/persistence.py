@@ -30,7 +30,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .methods import ResolvedAttention, resolved_from_saved
 
 MODEL_TYPE = "mixsga"
-UNCALIBRATED_OK = "router.decode_thresholds"  # absent from checkpoints saved before it existed: stays NaN
+UNCALIBRATED_OK = "router.decode_thresholds"  # absent from checkpoints saved before it existed: stays uncalibrated
 ARCHITECTURE = "MixSGAForCausalLM"
 REMOTE_CODE = Path(__file__).with_name("modeling_mixsga.py")
 AUTO_MAP = {

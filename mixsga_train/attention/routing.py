@@ -248,8 +248,8 @@ class TokenRouter(nn.Module):
     cache (``last_ids``), and its last input only by weak reference (so K and V share one decision
     without keeping the [B, L, D] activation alive).
 
-    ``decode_thresholds`` [E] (a saved buffer; NaN until ``calibrate_decode_thresholds`` in
-    ``calibration.py`` sets it): the logit thresholds of ``calibrate_thresholds``. Under the
+    ``decode_thresholds`` [E] (a saved buffer; all +inf until ``calibrate_decode_thresholds`` in
+    ``calibration.py`` sets it: calibrated thresholds always hold a -inf): the logit thresholds of ``calibrate_thresholds``. Under the
     ``calibrated`` decode policy a token prefers the first expert e with z_e > tau_e (progressive
     top-k applied one token at a time), then the budget quota applies as for ``budget``.
     """
@@ -279,7 +279,7 @@ class TokenRouter(nn.Module):
         self.router_grad = router_grad
         self._no_capacity = torch.tensor([c == 0 for c in capacity])
         self._cheapest = min((e for e in range(len(costs)) if capacity[e] > 0), key=lambda e: (costs[e], e))
-        self.register_buffer("decode_thresholds", torch.full((len(capacity),), math.nan))
+        self.register_buffer("decode_thresholds", torch.full((len(capacity),), math.inf))
         self.random = random
         if random:
             self.requires_grad_(False)
@@ -376,7 +376,7 @@ class TokenRouter(nn.Module):
         if self.context.decode_policy != "calibrated" or self.random:
             return logits
         thresholds = self.decode_thresholds.to(device=logits.device, dtype=logits.dtype)
-        if not self.context.decoding and torch.isnan(thresholds).any():  # checked once per sequence, not per step
+        if not self.context.decoding and torch.isposinf(thresholds).all():  # once per sequence, not per step
             raise RuntimeError(
                 f"layer {self.layer_idx}: decode_policy 'calibrated' needs thresholds; run "
                 "calibrate_decode_thresholds(model, batches) on training data first"
