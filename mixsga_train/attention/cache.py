@@ -222,15 +222,16 @@ class MixedKVLayer(CacheLayerMixin):
         # slot beyond the new count, overwritten later), so no boolean indexing is needed
         slots = torch.where(onehot.bool(), slots, new_counts[:, None, :])
         positions = torch.arange(start, start + new, dtype=torch.int32, device=self.device).expand(batch, new)
+        keys, values = key_states.transpose(0, 1), value_states.transpose(0, 1)  # [H_kv, B, n, d]
+        same_width = keys.shape[-1] == values.shape[-1]
         for e, rep in enumerate(self.representative):
             slot = slots[..., e]  # [B, n]
             heads = self.key_buffers[e].shape[0]
-            index = slot[None, :, :, None].expand(heads, batch, new, key_states.shape[-1])
-            self.key_buffers[e].scatter_(
-                2, index, key_states[:, rep].transpose(0, 1)
-            )  # index_put_ on a permuted view: ~25x slower
-            index = slot[None, :, :, None].expand(heads, batch, new, value_states.shape[-1])
-            self.value_buffers[e].scatter_(2, index, value_states[:, rep].transpose(0, 1))
+            index = slot.view(1, batch, new, 1).expand(heads, batch, new, keys.shape[-1])
+            self.key_buffers[e].scatter_(2, index, keys[rep])  # index_put_ on a permuted view: ~25x slower
+            if not same_width:
+                index = slot.view(1, batch, new, 1).expand(heads, batch, new, values.shape[-1])
+            self.value_buffers[e].scatter_(2, index, values[rep])
             self.slot_positions[e].scatter_(1, slot, positions)
         self.counts = new_counts
         self._ids[:, start : start + new] = ids
