@@ -183,13 +183,20 @@ def test_calibrated_policy_decodes_at_the_ratio_where_the_budget_policy_falls_sh
     torch.testing.assert_close(shares["calibrated"], ratio, atol=0.06, rtol=0)
 
 
-def test_calibrated_policy_refuses_uncalibrated_routers_and_survives_save_and_load(tmp_path):
+def test_calibrated_policy_without_thresholds_routes_like_budget_and_thresholds_survive_save_and_load(tmp_path, caplog):
     from mixsga_train.attention import calibrate_decode_thresholds, load_converted
 
-    model = converted(tiny_model("llama"), method="mixsga", ratio="3:1:6", decode_policy="calibrated")
-    routing_context(model).mode = "causal"
-    with pytest.raises(RuntimeError, match="run calibrate_decode_thresholds"):
-        model(input_ids=torch.randint(1, 96, (1, 8)))
+    base = tiny_model("llama")
+    ids = torch.randint(1, 96, (2, 30))
+    routed = {}
+    for policy in ("budget", "calibrated"):
+        model = adversarial(converted(base, method="mixsga", ratio="3:1:6", decode_policy=policy))
+        routing_context(model).mode = "causal"
+        with caplog.at_level("WARNING"), torch.no_grad():
+            model(input_ids=ids)
+        routed[policy] = [layer.self_attn.router.last_ids for layer in model.model.layers]
+    assert all(torch.equal(a, b) for a, b in zip(routed["budget"], routed["calibrated"]))
+    assert "has no thresholds yet, so it routes like 'budget'" in caplog.text
     thresholds = calibrate_decode_thresholds(model, [{"input_ids": torch.randint(1, 96, (4, 40))}])
     model.save_pretrained(tmp_path)
     loaded = load_converted(tmp_path)

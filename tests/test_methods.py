@@ -177,7 +177,14 @@ LEGACY = {
             "cla_init": "first",
             "decode_kernel": "torch",
         },
-        dict(method="mixsga", ratio="1:1", expert_kv_heads=[4, 2], alpha=0.5, router_grad="straight_through"),
+        dict(
+            method="mixsga",
+            ratio="1:1",
+            expert_kv_heads=[4, 2],
+            alpha=0.5,
+            router_grad="straight_through",
+            decode_policy="budget",
+        ),
     ),
 }
 

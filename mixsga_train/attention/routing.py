@@ -4,6 +4,7 @@ the router's gradient estimators and the prefill/decode consistency loss (eqs. 4
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 ROUTING_MODES = ("auto", "topk", "argmax", "causal", "fixed")
 DECODE_POLICIES = ("budget", "calibrated", "argmax")
 _EPS = 1e-9
+log = logging.getLogger(__name__)
 _MARGIN = 1e4  # lifts the calibrated choice above every logit in the quota's ranking
 
 
@@ -249,9 +251,10 @@ class TokenRouter(nn.Module):
     without keeping the [B, L, D] activation alive).
 
     ``decode_thresholds`` [E] (a saved buffer; all +inf until ``calibrate_decode_thresholds`` in
-    ``calibration.py`` sets it: calibrated thresholds always hold a -inf): the logit thresholds of ``calibrate_thresholds``. Under the
-    ``calibrated`` decode policy a token prefers the first expert e with z_e > tau_e (progressive
-    top-k applied one token at a time), then the budget quota applies as for ``budget``.
+    ``calibration.py`` sets it; calibrated thresholds always hold a -inf): the logit thresholds of
+    ``calibrate_thresholds``. Under the ``calibrated`` decode policy a token prefers the first
+    expert e with z_e > tau_e (progressive top-k applied one token at a time), then the budget
+    quota applies as for ``budget``; without thresholds it routes like ``budget`` (one warning).
     """
 
     def __init__(
@@ -280,6 +283,7 @@ class TokenRouter(nn.Module):
         self._no_capacity = torch.tensor([c == 0 for c in capacity])
         self._cheapest = min((e for e in range(len(costs)) if capacity[e] > 0), key=lambda e: (costs[e], e))
         self.register_buffer("decode_thresholds", torch.full((len(capacity),), math.inf))
+        self._uncalibrated, self._warned = True, False
         self.random = random
         if random:
             self.requires_grad_(False)
@@ -376,11 +380,17 @@ class TokenRouter(nn.Module):
         if self.context.decode_policy != "calibrated" or self.random:
             return logits
         thresholds = self.decode_thresholds.to(device=logits.device, dtype=logits.dtype)
-        if not self.context.decoding and torch.isposinf(thresholds).all():  # once per sequence, not per step
-            raise RuntimeError(
-                f"layer {self.layer_idx}: decode_policy 'calibrated' needs thresholds; run "
-                "calibrate_decode_thresholds(model, batches) on training data first"
-            )
+        if not self.context.decoding:  # checked once per sequence, not per decode step
+            self._uncalibrated = bool(torch.isposinf(thresholds).all())
+            if self._uncalibrated and not self._warned:
+                log.warning(
+                    "layer %d: decode_policy 'calibrated' has no thresholds yet, so it routes like 'budget'; "
+                    "run calibrate_decode_thresholds(model, batches) on training data",
+                    self.layer_idx,
+                )
+                self._warned = True
+        if self._uncalibrated:
+            return logits
         first = (logits > thresholds).long().argmax(dim=-1, keepdim=True)  # the first expert above its threshold
         return logits + torch.zeros_like(logits).scatter_(-1, first, _MARGIN)
 
