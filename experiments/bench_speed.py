@@ -5,7 +5,8 @@ from other processes hits every method alike; the target table uses ratios of th
 Per model and method:
   * training step: forward + backward (plain torch, fp32, no optimizer), batch --train-batch x --train-len;
   * decode tokens/s: greedy ``generate()`` with the method's default cache after conversion (mixSGA:
-    its KVBudgetCache, prompt routed by top-k, new tokens by argmax), for every prompt length in
+    its KVBudgetCache planned for prompt + new tokens, prompt routed by top-k, new tokens by the
+    default ``calibrated`` decode policy, thresholds fitted on random tokens), for every prompt length in
     --prompts (--smollm2-prompts for SmolLM2) and batch in --batches, exactly --new-tokens new
     tokens; tokens/s counts the decode steps only (time from the first to the last new token, taken
     by a stopping criterion), so the prefill does not dilute the comparison;
@@ -36,7 +37,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixsga_train.attention import AttentionConfig, KVBudgetCache, convert_model  # noqa: E402
+from mixsga_train.attention import (  # noqa: E402
+    AttentionConfig,
+    KVBudgetCache,
+    calibrate_decode_thresholds,
+    convert_model,
+)
 from mixsga_train.attention.adapters import adapter_for  # noqa: E402
 from mixsga_train.attention.cache import layer_nbytes  # noqa: E402
 from mixsga_train.evaluation.kv import measure_kv_bytes_per_token, native_kv_bytes_per_token  # noqa: E402
@@ -87,6 +93,9 @@ def build(spec: dict) -> dict:
         torch.manual_seed(0)
         model, _ = load_model(ModelConfig(**vars(spec["model"])))
         resolved = convert_model(model, att)
+        # a trained model is calibrated at the end of training (decode_policy: calibrated); do the
+        # same here on random tokens, so decode follows the ratio as it would after training
+        calibrate_decode_thresholds(model, [{"input_ids": torch.randint(5, 200, (8, 256))}])
         out[name] = (model, resolved)
     return out
 

@@ -162,6 +162,8 @@ def test_generate_plans_the_buffers_for_prompt_plus_new_tokens():
     planned_tokens, planned = greedy(mix, prompt, new=25)
     sizes = [b.shape[2] for b in planned.layers[0].key_buffers]
     assert all(size >= want for size, want in zip(sizes, [21, 8, 40]))  # ceil(0.3/0.1/0.6 x 64) + 1, or grown
+    for layer in planned.layers:  # growth stops at the plan: no expert can hold more than all 64 tokens
+        assert all(b.shape[2] <= 64 + 1 for b in layer.key_buffers + layer.value_buffers)
     grown = build_cache(mix)
     grown_tokens = mix.generate(prompt, cache=grown, max_new_tokens=25, do_sample=False, pad_token_id=0)
     assert torch.equal(planned_tokens, grown_tokens) and planned.nbytes() == grown.nbytes()

@@ -40,12 +40,15 @@ def routed_token_bytes(num_experts: int) -> int:
     return 1 + 4 if num_experts > 1 else 0
 
 
-def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
-    """``buffer`` with length >= ``needed`` along ``dim`` (contents kept, new slots zeroed)."""
+def _grown(buffer: torch.Tensor, dim: int, needed: int, limit: int | None = None) -> torch.Tensor:
+    """``buffer`` with length >= ``needed`` along ``dim`` (contents kept, new slots zeroed); growth
+    stops at ``limit`` (the planned length) unless ``needed`` is beyond it."""
     size = buffer.shape[dim]
     if needed <= size:
         return buffer
     new_size = max(needed, math.ceil(size * GROWTH), MIN_CAPACITY)
+    if limit is not None and needed <= limit:
+        new_size = min(new_size, limit)
     shape = list(buffer.shape)
     shape[dim] = new_size
     grown = buffer.new_zeros(shape)
@@ -170,16 +173,17 @@ class MixedKVLayer(CacheLayerMixin):
         return ids
 
     def _reserve(self, expert: int, needed: int) -> None:
-        self.key_buffers[expert] = _grown(self.key_buffers[expert], 2, needed)
-        self.value_buffers[expert] = _grown(self.value_buffers[expert], 2, needed)
+        limit = None if self.planned_tokens is None else self.planned_tokens + 1  # + the scratch slot
+        self.key_buffers[expert] = _grown(self.key_buffers[expert], 2, needed, limit)
+        self.value_buffers[expert] = _grown(self.value_buffers[expert], 2, needed, limit)
         if self.slot_positions:
-            self.slot_positions[expert] = _grown(self.slot_positions[expert], 1, needed)
+            self.slot_positions[expert] = _grown(self.slot_positions[expert], 1, needed, limit)
 
     def _reserve_tokens(self, needed: int) -> None:
         if self._ids is not None:
-            self._ids = _grown(self._ids, 1, needed)
+            self._ids = _grown(self._ids, 1, needed, self.planned_tokens)
         if self._token_slot is not None:
-            self._token_slot = _grown(self._token_slot, 1, needed)
+            self._token_slot = _grown(self._token_slot, 1, needed, self.planned_tokens)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key_states, value_states: [B, H_kv, n, d] for n new tokens. Returns them unchanged on the
