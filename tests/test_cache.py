@@ -167,3 +167,17 @@ def test_generate_plans_the_buffers_for_prompt_plus_new_tokens():
     grown = build_cache(mix)
     grown_tokens = mix.generate(prompt, cache=grown, max_new_tokens=25, do_sample=False, pad_token_id=0)
     assert torch.equal(planned_tokens, grown_tokens) and planned.nbytes() == grown.nbytes()
+
+
+def test_a_planned_buffer_grows_no_further_than_the_plan():
+    """argmax decoding with routers that always want the full expert: the full expert, planned at
+    30% of 67 tokens, must take ~62. Growing by 1.25x would overshoot to 69 slots; it stops at 68
+    (every token + the scratch slot)."""
+    model = converted(tiny_model("llama"), method="mixsga", ratio="3:1:6", decode_policy="argmax")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.router.proj.bias.copy_(torch.tensor([20.0, 0.0, -20.0]))
+    _, cache = greedy(model, torch.randint(1, 96, (1, 8)), new=60)
+    assert cache.get_seq_length() == 67
+    full = [layer.key_buffers[0].shape[2] for layer in cache.layers]
+    assert all(size == 68 for size in full) and all(layer.counts[0, 0] >= 60 for layer in cache.layers)
