@@ -41,11 +41,12 @@ class AttentionConfig:
         loss change of moving the token there), ``straight_through`` (only the selected expert's
         score, as a K/V scale) or ``aux_only`` (none: the aux loss alone, the paper's literal eq. 9).
     decode_policy: mixSGA only: routing of generated tokens (and of every token under causal
-        routing): ``calibrated`` (default: a running quota keeps the sequence's generated K/V within
-        the budget; the preferred expert is the first whose logit clears a threshold fitted on
-        training data so that decode shares follow top-k's, ``calibration.py``; until fitted it
-        routes like ``budget``), ``budget`` (the same quota over the router's argmax) or
-        ``argmax`` (the paper's eq. 3; may exceed the budget).
+        routing): ``budget`` (default: a running quota keeps the sequence's generated K/V within the
+        budget; the preferred expert is the router's argmax unless it does not fit, then the best
+        one that does), ``calibrated`` (the same quota, but the preferred expert is the first whose
+        logit clears a threshold fitted on training data so that decode shares follow top-k's,
+        ``calibration.py``; until fitted it routes like ``budget``) or ``argmax`` (the paper's
+        eq. 3; may exceed the budget).
     router: mixSGA only: ``learned`` or ``random`` (ablation: tokens drawn to the target ratio).
     decode_kernel: mixSGA/GQA inference: ``torch`` (each expert's segment read at its own head
         count, ``segment_attention.py``) or ``triton`` (decode steps read the mixed cache with the
@@ -62,7 +63,7 @@ class AttentionConfig:
     layer_ratios: Any = None
     alpha: float = 1.0
     router_grad: str = "counterfactual"
-    decode_policy: str = "calibrated"
+    decode_policy: str = "budget"
     router: str = "learned"
     decode_kernel: str = "torch"
 

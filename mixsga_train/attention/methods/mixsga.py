@@ -40,7 +40,7 @@ class MixSGAAttention(ResolvedAttention):
     layer_ratios: list[list[float]] | None = None
     alpha: float = 1.0
     router_grad: str = "counterfactual"
-    decode_policy: str = "calibrated"
+    decode_policy: str = "budget"
     router: str = "learned"
 
     @classmethod
