@@ -32,12 +32,14 @@ def calibrate_decode_thresholds(model: nn.Module, batches: Iterable[dict]) -> li
         return []
     logits, ids = [[] for _ in routers], [[] for _ in routers]
     context, was_training, mode = handle.context, model.training, handle.context.mode
+    device = next(model.parameters()).device
     model.eval()
     context.mode = "topk"
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
-            model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+            mask = None if mask is None else mask.to(device)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
             for i, router in enumerate(routers):
                 real = router.last_mask
                 if real is None:
