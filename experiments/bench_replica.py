@@ -31,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from layer_allocation import layer_ratios_override
 from runlib import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,14 +63,9 @@ def layer_allocation_methods(path: Path) -> list[tuple[str, list[str], bool]]:
     rows = allocation["layer_ratios"]
     tokens = [[0.3, 0.1, 0.6] if row == [0, 1, 0] else row for row in rows]
 
-    def override(layer_ratios):
-        return (
-            "attention.layer_ratios=[" + ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in layer_ratios) + "]"
-        )
-
-    out = [("mixsga_50_layers", MIX + [override(rows)], True)]
+    out = [("mixsga_50_layers", MIX + [layer_ratios_override(rows)], True)]
     if tokens != rows:
-        out.append(("mixsga_50_layers_tokens", MIX + [override(tokens)], True))
+        out.append(("mixsga_50_layers_tokens", MIX + [layer_ratios_override(tokens)], True))
     return out
 
 

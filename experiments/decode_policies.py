@@ -21,13 +21,17 @@ def rows_of(run: Path) -> list[dict]:
     """One row per evaluation file of ``run``: metrics.json (its own policy) and eval_<policy>.json."""
     metrics = json.loads((run / "metrics.json").read_text())
     own = metrics.get("attention", {}).get("decode_policy") or "-"
-    out = [dict(run=run.name, policy=own, eval=metrics["eval"], method=metrics["method"])]
+    out = [
+        dict(
+            run=run.name,
+            policy=own,
+            eval=metrics["eval"],
+        )
+    ]
     for path in sorted(run.glob("eval_*.json")):
         stored = json.loads(path.read_text())
         if "eval" in stored:  # a mixsga-evaluate output (not eval_before.json)
-            out.append(
-                dict(run=run.name, policy=path.stem[len("eval_") :], eval=stored["eval"], method=metrics["method"])
-            )
+            out.append(dict(run=run.name, policy=path.stem[len("eval_") :], eval=stored["eval"]))
     return out
 
 

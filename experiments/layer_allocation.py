@@ -44,6 +44,11 @@ def mean_loss(model, blocks: torch.Tensor, batch: int) -> float:
     return sum(losses) / len(losses)
 
 
+def layer_ratios_override(layer_ratios: list[list[float]]) -> str:
+    """The Hydra override of per-layer ratios, e.g. ``attention.layer_ratios=[[1,0,0],[0,0,1]]``."""
+    return "attention.layer_ratios=[" + ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in layer_ratios) + "]"
+
+
 def one_hot_layers(
     num_layers: int, num_experts: int, layer: int | None, expert: int, others: int = 0
 ) -> list[list[int]]:
@@ -109,7 +114,6 @@ def main() -> None:
     allocations = []
     for budget in args.budget:
         rounded = [[round(x, 4) for x in row] for row in allocate_layer_ratios(sensitivity, costs, budget)]
-        rows = ",".join("[" + ",".join(f"{x:g}" for x in r) + "]" for r in rounded)
         allocated = sum(c * x for row in rounded for c, x in zip(costs, row)) / num_layers
         predicted = reference + sum(x * s for row, sens in zip(rounded, sensitivity) for x, s in zip(row, sens))
         uniform = [e for e, c in enumerate(costs) if abs(c - budget) < 1e-9]  # a single expert at this budget
@@ -118,7 +122,7 @@ def main() -> None:
                 "budget": budget,
                 "allocated_budget": allocated,
                 "layer_ratios": rounded,
-                "override": f"attention.layer_ratios=[{rows}]",
+                "override": layer_ratios_override(rounded),
                 "predicted_loss": predicted,  # additive model: reference + sum of the chosen sensitivities
                 "measured_loss": loss_with(rounded),  # the whole allocation converted at once
                 "uniform_loss": loss_with(one_hot_layers(num_layers, len(heads), None, 0, uniform[0]))

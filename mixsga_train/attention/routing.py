@@ -223,6 +223,7 @@ class RoutingContext:
     fixed_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     stats: RoutingStats | None = None
     generator: torch.Generator | None = None
+    warned_uncalibrated: bool = False
 
 
 class TokenRouter(nn.Module):
@@ -283,7 +284,7 @@ class TokenRouter(nn.Module):
         self._no_capacity = torch.tensor([c == 0 for c in capacity])
         self._cheapest = min((e for e in range(len(costs)) if capacity[e] > 0), key=lambda e: (costs[e], e))
         self.register_buffer("decode_thresholds", torch.full((len(capacity),), math.inf))
-        self._uncalibrated, self._warned = True, False
+        self._uncalibrated = True
         self.random = random
         if random:
             self.requires_grad_(False)
@@ -382,13 +383,13 @@ class TokenRouter(nn.Module):
         thresholds = self.decode_thresholds.to(device=logits.device, dtype=logits.dtype)
         if not self.context.decoding:  # checked once per sequence, not per decode step
             self._uncalibrated = bool(torch.isposinf(thresholds).all())
-            if self._uncalibrated and not self._warned:
+            if self._uncalibrated and not self.context.warned_uncalibrated:
                 log.warning(
                     "layer %d: decode_policy 'calibrated' has no thresholds yet, so it routes like 'budget'; "
                     "run calibrate_decode_thresholds(model, batches) on training data",
                     self.layer_idx,
                 )
-                self._warned = True
+                self.context.warned_uncalibrated = True  # once per model, not once per layer
         if self._uncalibrated:
             return logits
         first = (logits > thresholds).long().argmax(dim=-1, keepdim=True)  # the first expert above its threshold
