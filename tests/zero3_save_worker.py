@@ -36,3 +36,5 @@ with full_parameters(model):
 torch.save(
     {"released": released, "parameters": len(list(model.parameters())), "state": state}, out / f"rank{dist.rank}.pt"
 )
+torch.distributed.barrier()  # no rank exits while another still talks to it
+torch.distributed.destroy_process_group()  # join gloo's threads before exit ("terminate called" at teardown otherwise)
