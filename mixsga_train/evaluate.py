@@ -87,13 +87,17 @@ def check_checkpoint_matches(checkpoint: Path, resolved) -> None:
 
 
 def apply_inference_settings(model, resolved) -> None:
-    """The run config's routing settings that do not change the weights (``decode_policy``), so
-    ``attention.decode_policy=...`` re-evaluates a checkpoint under another policy."""
+    """The run config's routing settings that do not change the weights (``decode_policy``,
+    ``sink_tokens``, ``decode_slack``), so ``attention.decode_policy=...`` re-evaluates a checkpoint
+    under another policy."""
     from .attention import converted
 
     handle = converted(model)
     if handle is not None:
-        handle.context.decode_policy = resolved.routing_context().decode_policy
+        settings = resolved.routing_context()
+        handle.context.decode_policy = settings.decode_policy
+        handle.context.sink_tokens = settings.sink_tokens
+        handle.context.decode_slack = settings.decode_slack
 
 
 def read_config(config_file: Path, overrides: list[str]):

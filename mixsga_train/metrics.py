@@ -43,6 +43,8 @@ class EvalMetrics:
     kv_bytes_per_token_decode / kv_share_decode: per real generated token, absolute and as a share
     of the native cache (expert ids included); decode_tokens: how many generated tokens that
     measured. Both KV values are null when nothing was generated (e.g. ``task.eval_sets=[]``).
+    kv_share_causal: the KV share (of native, id bytes included) that the causal-routing perplexity
+    spent (``routed_kv_share``; the static budget for GQA/CLA), where its headline is placed.
     routing_agreement: share of tokens where argmax routing agrees with top-k (null without
     routers). rouge_l: ROUGE-L F x 100 per eval set (empty for LM tasks)."""
 
@@ -54,6 +56,7 @@ class EvalMetrics:
     kv_bytes_per_token: float | None = None
     kv_bytes_per_token_decode: float | None = None
     kv_share_decode: float | None = None
+    kv_share_causal: float | None = None
     decode_tokens: int | None = None
     expert_fractions: ExpertFractions = field(default_factory=ExpertFractions)
     routing_agreement: float | None = None
@@ -89,6 +92,7 @@ _SCALAR_EVAL_KEYS = (
     "kv_bytes_per_token",
     "kv_bytes_per_token_decode",
     "kv_share_decode",
+    "kv_share_causal",
     "decode_tokens",
     "routing_agreement",
 )

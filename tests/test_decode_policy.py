@@ -202,3 +202,102 @@ def test_calibrated_policy_without_thresholds_routes_like_budget_and_thresholds_
     loaded = load_converted(tmp_path)
     for layer, want in zip(loaded.model.layers, thresholds):
         torch.testing.assert_close(layer.self_attn.router.decode_thresholds, want)
+
+
+def deviations(ids: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
+    """[B, T] expert ids -> [B, T] D_t = spent_t - budget * t after each prefix."""
+    return costs[ids].double().cumsum(1) - budget * torch.arange(1, ids.shape[1] + 1, dtype=torch.float64)
+
+
+def balanced_route(scores, band, mask=None, costs=COSTS, budget=0.5):
+    batch = scores.shape[0]
+    allowed = torch.ones(len(costs), dtype=torch.bool)
+    spent, tokens = torch.zeros(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.long)
+    return budget_decode_route(scores, costs, allowed, budget, spent, tokens, mask, band=band)
+
+
+@pytest.mark.parametrize("preferred", [0, 1, 2])
+@pytest.mark.parametrize("sink,slack", [(0, 1.0), (1, 1.0), (4, 1.0), (1, 4.0)])
+def test_balanced_policy_keeps_every_prefix_inside_its_band_for_any_router(preferred, sink, slack):
+    """Whatever the router wants (always full, always half, always quarter, or random), every
+    prefix's deviation from the budget stays in [-floor, credit], so the realised share of T tokens
+    is within floor/T below and credit/T above the budget; the sinks take the full expert."""
+    from mixsga_train.attention.routing import DecodeBand
+
+    band = DecodeBand.for_router(COSTS.tolist(), [True] * 3, 0.5, sink, slack)
+    assert band.credit == pytest.approx(max(sink, 1) * 0.5) and band.floor == pytest.approx(slack * 0.75)
+    scores = torch.randn(4, 300, 3)
+    scores[:3, :, preferred] += 50  # rows 0-2: an extreme router; row 3: random preferences
+    mask = torch.ones(4, 300, dtype=torch.bool)
+    mask[2, :40] = False  # left padding: the sink is the first *real* token
+    ids = balanced_route(scores, band, mask)
+    for b in range(4):
+        real = ids[b][mask[b]]
+        dev = deviations(real[None], COSTS, 0.5)[0]
+        assert (dev <= band.credit + 1e-9).all() and (dev >= -band.floor - 1e-9).all()
+        assert (real[:sink] == 0).all()
+    assert (ids[2, :40] == 2).all()  # padding: the cheapest expert
+
+
+def test_balanced_policy_spends_the_budget_where_the_one_sided_quota_undershoots():
+    """A router that prefers the cheapest expert: ``budget`` follows it (25% of native spent for a 50%
+    budget), ``balanced`` forces upgrades and lands on the budget; with a router that already fits
+    both agree, apart from the sink."""
+    from mixsga_train.attention.routing import DecodeBand
+
+    band = DecodeBand.for_router(COSTS.tolist(), [True] * 3, 0.5, 1, 4.0)
+    cheap = torch.randn(2, 400, 3)
+    cheap[..., 2] += 50
+    one_sided = balanced_route(cheap, None)
+    two_sided = balanced_route(cheap, band)
+    assert COSTS[one_sided].mean().item() == pytest.approx(0.25)
+    assert abs(COSTS[two_sided].double().mean().item() - 0.5) <= band.floor / 400 + 1e-9
+    assert (two_sided[:, 0] == 0).all() and (one_sided[:, 0] == 2).all()  # the sink keeps its heads
+    # where the router's choices already keep the band, balanced is exactly the router's argmax
+    fits = torch.tensor([[0, 2, 2, 1, 1, 0, 2, 2, 1, 1] * 10])  # spends 0.5 per 10 tokens.repeat(2, 1)
+    scores = torch.nn.functional.one_hot(fits, 3).float() * 10
+    assert torch.equal(balanced_route(scores, band), fits)
+
+
+def test_balanced_policy_protects_the_sink_only_when_routing_starts_at_the_sequence_start():
+    """Causal routing of a block starts at token 0, so token 0 keeps the full expert; a prompt routed
+    by top-k followed by decoding has no sink among the generated tokens. Generated K/V stays within
+    [-floor, credit] of the budget at every prefix of every layer."""
+    from mixsga_train.attention.routing import DecodeBand
+
+    model = converted(tiny_model("llama"), method="mixsga", ratio="3:1:6", decode_policy="balanced")
+    with torch.no_grad():
+        for layer in model.model.layers:  # every router strongly prefers the cheapest expert
+            layer.self_attn.router.proj.bias.copy_(torch.tensor([-20.0, 0.0, 20.0]))
+    ctx = routing_context(model)
+    band = DecodeBand.for_router(COSTS.tolist(), [True] * 3, 0.5, 1, 4.0)
+    ctx.mode = "causal"
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 96, (2, 40)))
+    for layer in model.model.layers:
+        ids = layer.self_attn.router.last_ids
+        assert (ids[:, 0] == 0).all()
+        dev = deviations(ids, COSTS, 0.5)
+        assert (dev <= band.credit + 1e-9).all() and (dev >= -band.floor - 1e-9).all()
+    ctx.mode = "auto"
+    prompt = torch.randint(1, 96, (2, 9))
+    _, cache, _ = generate(model, prompt, torch.ones_like(prompt), new=30)
+    for layer in cache.layers:
+        generated = layer.expert_ids[:, 9:].long()
+        assert (generated[:, 0] == 2).all()  # no sink credit spent on the first generated token
+        dev = deviations(generated, COSTS, 0.5)
+        assert (dev <= band.credit + 1e-9).all() and (dev >= -band.floor - 1e-9).all()
+        assert (generated != 2).any()  # the floor forced upgrades the router did not want
+
+
+def test_balanced_policy_settings_are_validated_and_reach_the_routing_context():
+    from mixsga_train.attention import converted as handle_of
+    from mixsga_train.errors import ConfigError
+
+    base = tiny_model("llama")
+    model = converted(base, method="mixsga", ratio="3:1:6", decode_policy="balanced", sink_tokens=4, decode_slack=8)
+    ctx = handle_of(model).context
+    assert (ctx.decode_policy, ctx.sink_tokens, ctx.decode_slack) == ("balanced", 4, 8.0)
+    for key, value in (("sink_tokens", -1), ("decode_slack", 0.5)):
+        with pytest.raises(ConfigError, match=f"attention.{key}"):
+            converted(base, method="mixsga", ratio="3:1:6", **{key: value})

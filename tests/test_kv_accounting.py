@@ -156,7 +156,11 @@ def test_evaluate_lm_reports_decode_kv_and_realised_fractions():
     decode_kv = sum(f * h for f, h in zip(fr, heads)) / 4 * NATIVE + ROUTED  # realised fractions -> bytes
     assert ev.kv_bytes_per_token_decode == pytest.approx(decode_kv)
     assert sum(ev.expert_fractions.causal) == pytest.approx(1.0)
+    # the KV the causal perplexity spent: its own fractions priced per expert, id bytes included
+    causal_kv = sum(f * h for f, h in zip(ev.expert_fractions.causal, heads)) / 4 + ROUTED / NATIVE
+    assert ev.kv_share_causal == pytest.approx(causal_kv)
+    assert ev.kv_share_causal <= 0.5 + ROUTED / NATIVE + 1e-9  # the budget policy never overspends
     assert ev.ppl_causal_routing != ev.ppl
     gqa = evaluate_lm(model_for("gqa"), blocks, words=40, batch_size=2)
-    assert gqa.kv_share_decode == 0.5
+    assert gqa.kv_share_decode == 0.5 and gqa.kv_share_causal == 0.5
     assert gqa.expert_fractions == ExpertFractions(prefill=None, decode=None, causal=None)

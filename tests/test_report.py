@@ -64,6 +64,7 @@ def metrics(
             "routing_agreement": 0.9 if mix else None,
             "rouge_l": rouge or {},
             "kv_share_decode": share,
+            "kv_share_causal": (share - 0.08 if share is not None else None) if mix else budget,
             "kv_bytes_per_token_decode": None if share is None else share * native,
         },
     }
@@ -134,8 +135,9 @@ def test_report_table_csv_and_plots(sweep, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("| fake-llama")]
     assert len(table) == 7  # 8 runs, the two mixSGA 3:1:6 seeds aggregated
     mix = next(line for line in table if "| mixsga [4,2,1] 3:1:6 |" in line)
-    # causal ppl (1.1 x 25) at the realised decode KV (mean of 0.55 and 0.57), then top-k
-    assert "| 27.50 ± 1.56 | 56.0% (50.0%) | 25.00 ± 1.41 |" in mix
+    # causal ppl (1.1 x 25), the KV its routing spent (mean of 0.47 and 0.49), the realised decode KV
+    # (mean of 0.55 and 0.57), then top-k
+    assert "| 27.50 ± 1.56 | 48.0% | 56.0% (50.0%) | 25.00 ± 1.41 |" in mix
     assert "| 0,1 |" in mix and "0.30/0.10/0.60 \\| 0.30/0.10/0.60" in mix
     assert "+1.00" in mix  # one id byte per layer over budget x native
     noaux = next(line for line in table if "alpha=0" in line)
@@ -143,7 +145,7 @@ def test_report_table_csv_and_plots(sweep, tmp_path):
     assert "0.34/0.33/0.33" in noaux and "| 58.8% (from fractions) (50.0%) |" in noaux
     assert "\\| 573.4 (56.0%)" in mix  # decode bytes per real token (0.56 x 1024), mean of 2 seeds
     gqa = next(line for line in table if "| gqa 2kv |" in line)
-    assert "| 33.00 | 50.0% (50.0%) | 30.00 |" in gqa  # uniform methods decode at their nominal budget
+    assert "| 33.00 | 50.0% | 50.0% (50.0%) | 30.00 |" in gqa  # uniform methods decode at their nominal budget
     # budget order: mha (100%) first
     assert table[0].split("|")[2].strip() == "mha"
     with open(out / "summary.csv") as f:
@@ -154,6 +156,7 @@ def test_report_table_csv_and_plots(sweep, tmp_path):
     assert float(summary["gqa 2kv"]["kv_budget"]) == pytest.approx(0.5)
     assert float(summary["mixsga [4,2,1] 3:1:6"]["realised_kv_budget"]) == pytest.approx(0.56)
     assert summary["mixsga [4,2,1] 3:1:6"]["realised_kv_source"] == "measured"
+    assert float(summary["mixsga [4,2,1] 3:1:6"]["kv_share_causal"]) == pytest.approx(0.48)
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
     assert len(runs) == 8 and {r["seed"] for r in runs} == {"0", "1"}

@@ -107,6 +107,7 @@ def flatten(m: RunMetrics, path: Path, root: Path) -> dict:
         "kv_overhead_bytes_per_layer": overhead / layers if overhead is not None and layers else None,
         "kv_bytes_per_token_decode": ev.kv_bytes_per_token_decode,
         "kv_share_decode": ev.kv_share_decode,
+        "kv_share_causal": ev.kv_share_causal,
         "realised_kv_budget": realised,
         "realised_kv_source": source,
         "params": m.params,

@@ -21,14 +21,16 @@ def _series(aggs: list[dict]) -> dict[str, list[dict]]:
 
 
 def x_budget(a: dict) -> float:
-    """Where a configuration sits on a budget curve: its realised decode KV budget (nominal when unknown), in %."""
-    realised = a.get("realised_kv_budget")
+    """Where a configuration's causal perplexity sits on a budget curve, in %: the KV share its causal
+    routing spent (``kv_share_causal``), else its realised decode KV budget, else the nominal one."""
+    realised = a.get("kv_share_causal")
+    realised = realised if realised is not None else a.get("realised_kv_budget")
     return 100 * (realised if realised is not None else a["kv_budget"])
 
 
 def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
     """Perplexity after training vs KV budget per method (error bars: std over seeds). Left, the
-    headline: causal-routing perplexity at the budget each run REALISES at decode, a hollow marker and
+    headline: causal-routing perplexity at the budget that routing really SPENT, a hollow marker and
     dotted line back to its nominal budget where they differ. Right: top-k routing (the paper's
     non-causal protocol) at the nominal budget, before-training numbers as faint markers."""
     aggs = [a for a in aggs if a["ppl"] is not None and a["kv_budget"] is not None]
@@ -36,7 +38,7 @@ def ppl_vs_budget(aggs: list[dict], path: Path, title: str = "") -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     panels = (
-        (axes[0], "ppl_causal", "causal routing, at realised decode KV", True),
+        (axes[0], "ppl_causal", "causal routing, at the KV that routing spent", True),
         (axes[1], "ppl", "top-k routing (paper protocol, non-causal), at nominal KV", False),
     )
     for ax, key, name, realised in panels:

@@ -12,6 +12,7 @@ NUMERIC = (
     "kv_bytes_per_token",
     "kv_bytes_per_token_decode",
     "kv_share_decode",
+    "kv_share_causal",
     "kv_bytes_per_token_native",
     "kv_measured_fraction",
     "kv_overhead_bytes",
@@ -132,13 +133,15 @@ def fmt_budget(a: dict) -> str:
 
 def markdown_table(aggs: list[dict]) -> str:
     """The summary table: one row per configuration, mean ± std over seeds. Causal-routing perplexity
-    is the headline, next to the KV budget the run realises at decode (nominal in brackets)."""
+    is the headline, next to the KV share that routing spent and the KV budget the run realises at
+    decode (nominal in brackets)."""
     sets = eval_sets([{"rouge_l": {k: v for k, v in a["rouge_l"].items() if not k.endswith("_std")}} for a in aggs])
     head = [
         "model",
         "config",
         "seeds",
         "ppl after, causal routing",
+        "KV spent by that routing",
         "KV at decode, realised (nominal)",
         "ppl after, top-k (paper protocol, non-causal)",
         "ppl before (causal / top-k)",
@@ -154,6 +157,7 @@ def markdown_table(aggs: list[dict]) -> str:
             a["config"],
             ",".join(str(s) for s in a["seeds"]) or "–",
             fmt(a["ppl_causal"], a["ppl_causal_std"]),
+            f"{100 * a['kv_share_causal']:.1f}%" if a.get("kv_share_causal") is not None else "–",
             fmt_budget(a),
             fmt(a["ppl"], a["ppl_std"]),
             f"{fmt(a['ppl_causal_before'])} / {fmt(a['ppl_before'])}",

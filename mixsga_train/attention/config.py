@@ -45,8 +45,17 @@ class AttentionConfig:
         budget; the preferred expert is the router's argmax unless it does not fit, then the best
         one that does), ``calibrated`` (the same quota, but the preferred expert is the first whose
         logit clears a threshold fitted on training data so that decode shares follow top-k's,
-        ``calibration.py``; until fitted it routes like ``budget``) or ``argmax`` (the paper's
-        eq. 3; may exceed the budget).
+        ``calibration.py``; until fitted it routes like ``budget``), ``balanced`` (a two-sided quota:
+        the first ``sink_tokens`` tokens of a causally routed sequence keep the full expert, and a
+        sequence never falls more than ``decode_slack`` upgrades behind its budget, so the realised
+        share converges to the budget instead of undershooting it; ``routing.DecodeBand``) or
+        ``argmax`` (the paper's eq. 3; may exceed the budget).
+    sink_tokens: mixSGA ``balanced`` policy only: how many first tokens of a causally routed
+        sequence take the most expensive expert (the attention sink; their excess over the budget
+        is repaid by later tokens).
+    decode_slack: mixSGA ``balanced`` policy only: how many full-vs-cheapest upgrades' worth of
+        budget a sequence may leave unspent before the policy forces the expensive expert (>= 1;
+        wider lets the router pick which tokens get it).
     router: mixSGA only: ``learned`` or ``random`` (ablation: tokens drawn to the target ratio).
     decode_kernel: mixSGA/GQA inference: ``torch`` (each expert's segment read at its own head
         count, ``segment_attention.py``) or ``triton`` (decode steps read the mixed cache with the
@@ -64,6 +73,8 @@ class AttentionConfig:
     alpha: float = 1.0
     router_grad: str = "counterfactual"
     decode_policy: str = "budget"
+    sink_tokens: int = 1
+    decode_slack: float = 4.0
     router: str = "learned"
     decode_kernel: str = "torch"
 

@@ -16,7 +16,7 @@ from torch import nn
 
 # per-token routing modes of RoutingContext; "causal" applies the configured decode policy to every token
 ROUTING_MODES = ("auto", "topk", "argmax", "causal", "fixed")
-DECODE_POLICIES = ("budget", "calibrated", "argmax")
+DECODE_POLICIES = ("budget", "balanced", "calibrated", "argmax")
 _EPS = 1e-9
 log = logging.getLogger(__name__)
 _MARGIN = 1e4  # lifts the calibrated choice above every logit in the quota's ranking
@@ -100,18 +100,31 @@ def budget_decode_route(
     tokens: torch.Tensor,
     token_mask: torch.Tensor | None = None,
     cheapest: int | None = None,
+    band: DecodeBand | None = None,
 ) -> torch.Tensor:
-    """The ``budget`` decode policy: route tokens one position at a time so that, for every
-    sequence and every prefix of its routed tokens, sum of costs <= budget * tokens (running quota).
+    """The ``budget`` and ``balanced`` decode policies: route tokens one position at a time under a
+    running quota on the deviation ``D_t = spent_t - budget * t`` of each sequence.
 
     scores: [B, L, E] router logits (higher = preferred); costs: [E] KV per token (fraction of
     native); allowed: [E] bool, the experts the ratio gives tokens; budget: sum_e rho_e c_e; spent [B]
     float64 and tokens [B] long: this sequence's running totals, updated in place; token_mask: [B, L],
     False on padding (those get the cheapest allowed expert and count nothing); cheapest: that
-    expert's index if the caller knows it (saves a host sync per call). Each token takes its preferred expert if
-    that keeps the total within quota, else the best-scoring one that does. The cheapest allowed
-    expert always fits: budget is a convex combination of allowed costs, so c_min <= budget, and
-    with spent <= budget * t, spent + c_min <= budget * (t + 1). Returns ids [B, L] long.
+    expert's index if the caller knows it (saves a host sync per call); band: the ``balanced``
+    policy's two-sided band (``DecodeBand``), None for the one-sided ``budget`` policy.
+
+    ``budget`` (band None): a token takes its preferred expert if that keeps ``D <= 0``, else the
+    best-scoring one that does, so every prefix stays within the budget. The cheapest allowed expert
+    always fits: budget is a convex combination of allowed costs, so c_min <= budget, and with
+    spent <= budget * t, spent + c_min <= budget * (t + 1). It may spend less than the budget.
+
+    ``balanced`` (band set): ``-band.floor <= D <= band.credit`` instead, and the first
+    ``band.sink`` real tokens of a sequence routed from its start take the most expensive allowed
+    expert (the attention sink is never demoted). Some expert always fits because
+    credit + floor >= c_max - c_min: if D <= credit - (c_max - budget) the most expensive one does,
+    else D > -floor + (budget - c_min) and the cheapest one does. So every prefix of t tokens spends
+    budget * t within [-floor, +credit]: at most ``credit`` above the budget (the sinks' excess) and
+    never more than ``floor`` below it, i.e. the realised share converges to the budget.
+    Returns ids [B, L] long.
     """
     batch, length, _ = scores.shape
     costs64 = costs.double().to(scores.device)
@@ -119,11 +132,16 @@ def budget_decode_route(
     if cheapest is None:
         cheapest = int(torch.where(allowed, costs64, math.inf).argmin())
     preference = scores.float().masked_fill(~allowed, -math.inf)  # an expert without capacity never fits
+    credit = 0.0 if band is None else band.credit
     ids = torch.empty(batch, length, dtype=torch.long, device=scores.device)
     for t in range(length):
-        quota = (tokens + 1).double() * budget
-        fits = spent[:, None] + costs64 <= quota[:, None] + _EPS
+        deviation = spent[:, None] + costs64 - (tokens + 1).double()[:, None] * budget  # [B, E] after each choice
+        fits = deviation <= credit + _EPS
+        if band is not None:
+            fits &= deviation >= -band.floor - _EPS
         choice = preference[:, t].masked_fill(~fits, -math.inf).argmax(dim=-1)
+        if band is not None and band.sink:
+            choice = torch.where(tokens < band.sink, band.expensive, choice)
         if token_mask is None:
             spent += costs64[choice]
             tokens += 1
@@ -134,6 +152,30 @@ def budget_decode_route(
             tokens += real
         ids[:, t] = choice
     return ids
+
+
+@dataclass(frozen=True)
+class DecodeBand:
+    """The ``balanced`` decode policy's limits on ``D = spent - budget * tokens`` (in native-KV
+    token units): ``credit`` above (room for the sinks), ``floor`` below (how far a sequence may
+    fall behind its budget before an expensive expert is forced); ``sink``: how many first real
+    tokens take expert ``expensive`` (0 once the stream did not start at the sequence's start)."""
+
+    credit: float
+    floor: float
+    sink: int
+    expensive: int
+
+    @classmethod
+    def for_router(cls, costs: list[float], allowed: list[bool], budget: float, sink: int, slack: float) -> DecodeBand:
+        """credit = max(sink, 1) * (c_max - budget); floor = max(slack, 1) * (c_max - c_min): the
+        smallest band that always has room (credit + floor >= c_max - c_min, floor >= budget - c_min)
+        widened by ``slack`` tokens' worth of upgrades, which lets the router choose *which* tokens
+        get the expensive expert instead of being forced on a fixed rhythm."""
+        usable = [c for c, ok in zip(costs, allowed) if ok]
+        expensive = max((e for e in range(len(costs)) if allowed[e]), key=lambda e: (costs[e], -e))
+        c_max, c_min = max(usable), min(usable)
+        return cls(max(sink, 1) * (c_max - budget), max(slack, 1.0) * (c_max - c_min), sink, expensive)
 
 
 def calibrate_thresholds(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -218,6 +260,8 @@ class RoutingContext:
 
     mode: str = "auto"
     decode_policy: str = "budget"
+    sink_tokens: int = 1
+    decode_slack: float = 4.0
     token_mask: torch.Tensor | None = None
     decoding: bool = False
     fixed_ids: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -293,6 +337,7 @@ class TokenRouter(nn.Module):
         self._last_gates: torch.Tensor | None = None
         self._spent: torch.Tensor | None = None  # budget policy: [B] K/V spent, float64
         self._tokens: torch.Tensor | None = None  # budget policy: [B] tokens routed
+        self._from_start = False  # balanced policy: the running totals began at the sequence's first token
         self.last_logits: torch.Tensor | None = None
         self.last_ids: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
@@ -325,6 +370,7 @@ class TokenRouter(nn.Module):
         if not ctx.decoding or self._spent is None or self._spent.shape[0] != x.shape[0]:
             self._spent = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             self._tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            self._from_start = not ctx.decoding and mode == "causal"  # the policy sees the sequence's first token
         ids = self._assign(logits, mode, mask)
         # one-hot by comparison: F.one_hot checks the ids' range on the host (a sync)
         gates = (ids[..., None] == torch.arange(self.num_experts, device=ids.device)).to(logits.dtype)
@@ -373,6 +419,17 @@ class TokenRouter(nn.Module):
             self._tokens,
             mask,
             self._cheapest,
+            self._band() if self.context.decode_policy == "balanced" else None,
+        )
+
+    def _band(self) -> DecodeBand:
+        ctx = self.context
+        return DecodeBand.for_router(
+            self.costs,
+            [c > 0 for c in self.capacity],
+            self.budget,
+            ctx.sink_tokens if self._from_start else 0,
+            ctx.decode_slack,
         )
 
     def decode_preference(self, logits: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,23 @@ def nominal_kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = Non
     return handle.attention.kv_budget * native + id_bytes
 
 
+def routed_kv_share(model: nn.Module, fractions: list[float] | None) -> float:
+    """The KV share a routing actually spent, as a fraction of the native cache: for mixSGA
+    sum_e f_e * kv_heads_e / H_kv over the routed tokens' expert fractions ``fractions`` (pooled
+    over layers), plus the per-token id bytes of ``nominal_kv_bytes_per_token``; the static budget
+    for GQA / CLA (1.0 unconverted). Perplexity under causal routing reports it, so methods compare
+    at the budget their perplexity really used."""
+    handle = converted(model)
+    if handle is None:
+        return 1.0
+    attention = handle.attention
+    if not fractions or not handle.num_experts:
+        return attention.kv_budget
+    native = native_kv_bytes_per_token(model.config, model.dtype)
+    heads = sum(f * k / attention.native_kv_heads for f, k in zip(fractions, attention.expert_kv_heads))
+    return heads + len(handle.routers) * routed_token_bytes(handle.num_experts) / native
+
+
 def _layer_shape(layer: CacheLayerMixin) -> tuple[int, int]:
     """(batch rows, positions) a cache layer holds; (0, 0) before its first update."""
     if not layer.is_initialized:

@@ -10,7 +10,7 @@ from torch import nn
 from ..metrics import EvalMetrics, ExpertFractions
 from ..models.loading import max_positions
 from .generation import generate_and_score
-from .kv import KVAccount, measure_generation_kv, native_kv_bytes_per_token
+from .kv import KVAccount, measure_generation_kv, native_kv_bytes_per_token, routed_kv_share
 from .perplexity import CAUSAL_MODE, evaluate_perplexity, evaluate_response_perplexity
 from .rolling import evaluate_rolling_perplexity
 from .routing_scope import num_experts
@@ -45,6 +45,7 @@ def evaluate_lm(
         word_ppl=topk.word_ppl,
         eval_tokens=topk.tokens,
         **_kv_fields(model, kv),
+        kv_share_causal=routed_kv_share(model, causal.expert_fractions),
         expert_fractions=ExpertFractions(
             prefill=topk.expert_fractions,
             decode=kv.decode_expert_fractions if routed else None,
@@ -77,6 +78,7 @@ def evaluate_sft(
         ppl=topk.ppl,
         eval_tokens=topk.tokens,
         **_kv_fields(model, kv),
+        kv_share_causal=routed_kv_share(model, causal.expert_fractions),
         expert_fractions=ExpertFractions(
             prefill=_weighted_lists(prefill, weights),
             decode=kv.decode_expert_fractions if routed else None,

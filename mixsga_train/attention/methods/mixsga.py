@@ -30,7 +30,7 @@ class MixSGAAttention(ResolvedAttention):
     """expert_kv_heads: KV heads per expert, most expensive first; ratio: normalised capacity shares
     (with ``layer_ratios``: their mean over layers, which has the same budget); layer_ratios: one
     normalised ratio per layer, or None (every layer uses ``ratio``); alpha, router_grad,
-    decode_policy, router: see ``AttentionConfig``."""
+    decode_policy, sink_tokens, decode_slack, router: see ``AttentionConfig``."""
 
     method = "mixsga"
     decode_kernel_ready = True
@@ -41,6 +41,8 @@ class MixSGAAttention(ResolvedAttention):
     alpha: float = 1.0
     router_grad: str = "counterfactual"
     decode_policy: str = "budget"
+    sink_tokens: int = 1
+    decode_slack: float = 4.0
     router: str = "learned"
 
     @classmethod
@@ -77,6 +79,10 @@ class MixSGAAttention(ResolvedAttention):
         ):
             if value not in choices:
                 raise ConfigError(f"attention.{key}", f"unknown {value!r}; choose one of {', '.join(choices)}")
+        if not isinstance(cfg.sink_tokens, int) or cfg.sink_tokens < 0:
+            raise ConfigError("attention.sink_tokens", f"{cfg.sink_tokens!r} must be an integer >= 0 (1: token 0)")
+        if not cfg.decode_slack >= 1:
+            raise ConfigError("attention.decode_slack", f"{cfg.decode_slack!r} must be >= 1 (in upgrades)")
         if cfg.alpha < 0:
             raise ConfigError("attention.alpha", f"{cfg.alpha} is negative; use 0 to disable the aux loss")
         return cls(
@@ -89,6 +95,8 @@ class MixSGAAttention(ResolvedAttention):
             alpha=cfg.alpha,
             router_grad=cfg.router_grad,
             decode_policy=cfg.decode_policy,
+            sink_tokens=cfg.sink_tokens,
+            decode_slack=float(cfg.decode_slack),
             router=cfg.router,
             decode_kernel=cfg.decode_kernel,
         )
@@ -104,7 +112,9 @@ class MixSGAAttention(ResolvedAttention):
         return self.ratio if self.layer_ratios is None else self.layer_ratios[layer_idx]
 
     def routing_context(self) -> RoutingContext:
-        return RoutingContext(decode_policy=self.decode_policy)
+        return RoutingContext(
+            decode_policy=self.decode_policy, sink_tokens=self.sink_tokens, decode_slack=self.decode_slack
+        )
 
     @property
     def num_experts(self) -> int:
