@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .decode_kernel import DecodeKernelSwitch
@@ -109,6 +110,7 @@ class MixedKVLayer(CacheLayerMixin):
         self.seq_length = 0
         self.batch_size = 0
         self.planned_tokens: int | None = None
+        self.evicted: torch.Tensor | None = None  # [B, T0] bool: tokens evicted (``evict``)
 
     @property
     def num_experts(self) -> int:
@@ -258,18 +260,34 @@ class MixedKVLayer(CacheLayerMixin):
         for e, length in enumerate(self.lengths):
             self._reserve(e, length + 1)
 
+    def evict(self, evicted: torch.Tensor) -> None:
+        """Drop the cached tokens marked in ``evicted`` [B, T] bool (T <= tokens cached so far) from
+        every later read of this layer (KV eviction such as H2O, ``evaluation/eviction.py``). The
+        segment read masks them; their slots are not compacted, so ``nbytes`` still counts them
+        (the eviction code accounts the kept tokens' bytes)."""
+        if evicted.shape[0] != self.batch_size or evicted.shape[1] > self.seq_length:
+            raise ValueError(
+                f"evicted {tuple(evicted.shape)} does not fit a cache of {self.batch_size} x {self.seq_length}"
+            )
+        self.evicted = evicted.to(device=self.device, dtype=torch.bool)
+
     def segment(self, expert: int):
         """Expert ``expert``'s stored tokens: (keys [k_e, B, L, d], values [k_e, B, L, d],
         positions [B, L] int32 or None, valid [B, L] bool or None). ``L`` >= every row's count;
-        ``valid`` marks the filled slots (None: all are), positions are None when slot == position."""
+        ``valid`` marks the filled slots that were not evicted (None: all are), positions are None
+        when slot == position."""
         length = self.lengths[expert]
         keys, values = self.key_buffers[expert][:, :, :length], self.value_buffers[expert][:, :, :length]
-        if self.num_experts == 1:
-            return keys, values, None, None
-        positions = self.slot_positions[expert][:, :length]
-        if self.batch_size == 1 and self.device.type == "cpu":  # lengths are exact on CPU: every slot is filled
-            return keys, values, positions, None
-        valid = torch.arange(length, device=self.device) < self.counts[:, expert, None]
+        positions = self.slot_positions[expert][:, :length] if self.num_experts > 1 else None
+        if self.num_experts == 1 or (self.batch_size == 1 and self.device.type == "cpu"):
+            valid = None  # one expert, or exact lengths on CPU: every slot is filled
+        else:
+            valid = torch.arange(length, device=self.device) < self.counts[:, expert, None]
+        if self.evicted is not None:
+            slot_positions = positions.long() if positions is not None else torch.arange(length, device=self.device)
+            evicted = F.pad(self.evicted, (0, self.seq_length - self.evicted.shape[1]))
+            kept = ~evicted.gather(1, slot_positions.expand(self.batch_size, length).clamp_max(self.seq_length - 1))
+            valid = kept if valid is None else valid & kept
         return keys, values, positions, valid
 
     def kernel_expert_ids(self) -> torch.Tensor:
@@ -293,6 +311,10 @@ class MixedKVLayer(CacheLayerMixin):
     def expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All cached K/V at H_kv heads in token order: ([B, H_kv, T, d], [B, H_kv, T, d]).
         The reference read (native-size copies); the default read is ``segment_attention``."""
+        if self.evicted is not None:
+            raise NotImplementedError(
+                "evicted tokens are masked by the segment read only; use attention.decode_kernel=torch"
+            )
         return self._expand(self.key_buffers), self._expand(self.value_buffers)
 
     def _expand(self, buffers: list[torch.Tensor]) -> torch.Tensor:
