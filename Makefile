@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint train sweep report wheel-check
+.PHONY: setup test test-fast lint train train-sft sweep report wheel-check
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ lint: setup
 ## quickstart: SmolLM2-135M -> mixSGA at 50% KV, short recovery on Shakespeare, before/after numbers
 train: setup
 	$(PY) -m mixsga_train.train experiment=quickstart $(ARGS)
+
+## quickstart, instruction path: SmolLM2-135M -> mixSGA at 50% KV, short SFT on the Dolly excerpt, ROUGE-L before/after
+train-sft: setup
+	$(PY) -m mixsga_train.train experiment=quickstart_sft task.jsonl=tests/fixtures/dolly/dolly_sample.jsonl \
+		'task.eval_sets=[dolly_test,tests/fixtures/self-instruct/seed_tasks.jsonl]' $(ARGS)
 
 ## any Hydra multirun: make sweep EXPERIMENT=sweep_budget_mixsga ARGS="model=tiny_llama"
 sweep: setup

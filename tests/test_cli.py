@@ -92,6 +92,27 @@ def test_sft_run_writes_rouge_for_the_dolly_test_split(tmp_path):
     assert m["eval"]["kv_bytes_per_token"] > 0 and m["train"]["steps"] == 4
 
 
+def test_quickstart_sft_runs_offline_with_the_makefiles_fixture_paths(tmp_path):
+    """``make train-sft``'s config and file arguments, on the tiny model instead of SmolLM2: ROUGE-L
+    on the held-out Dolly split and on the Self-Instruct seed excerpt, before and after training."""
+    import re
+
+    from cli import REPO
+
+    recipe = (REPO / "Makefile").read_text().split("train-sft: setup")[1].split("\n\n")[0]
+    args = [a.strip("'") for a in re.findall(r"(experiment=\S+|task\.jsonl=\S+|'task\.eval_sets=[^']+')", recipe)]
+    assert [a.split("=")[0] for a in args] == ["experiment", "task.jsonl", "task.eval_sets"]
+    run_dir = tmp_path / "quickstart_sft"
+    overrides = ["model=tiny_llama", "logger=none", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]
+    proc = run_cli(args + overrides)  # from the repository root, as make runs it
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m["experiment"] == "quickstart_sft" and m["ratio"] == pytest.approx([0.25, 0.75])
+    for block in (m["eval_before"], m["eval"]):
+        assert set(block["rouge_l"]) == {"dolly_test", "seed_tasks"}
+        assert all(0 <= v <= 100 for v in block["rouge_l"].values())
+
+
 def test_sft_run_without_eval_sets_reports_no_kv_bytes_instead_of_crashing(tmp_path):
     """``task.eval_sets=[]`` validates: nothing is generated, so the KV keys are null; the run's summary and
     ``mixsga-evaluate`` leave them out instead of failing on None."""
