@@ -49,4 +49,6 @@ def test_zero3_two_process_save_equals_the_one_process_model(tmp_path):
     for name, tensor in reference.items():
         # without the gather, rank 0 holds empty placeholders (shape [0]) for every partitioned weight
         assert saved[name].shape == tensor.shape and saved[name].numel() > 0, name
-        torch.testing.assert_close(saved[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 gradients summed over 2 ranks vs in 1 process differ in reduction order: after the run's
+        # Adam steps that is up to 1.5e-6 on a weight (measured, deepspeed 0.19.8), so atol 1e-5
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
