@@ -337,7 +337,7 @@ class TokenRouter(nn.Module):
         self._last_gates: torch.Tensor | None = None
         self._spent: torch.Tensor | None = None  # budget policy: [B] K/V spent, float64
         self._tokens: torch.Tensor | None = None  # budget policy: [B] tokens routed
-        self._from_start = False  # balanced policy: the running totals began at the sequence's first token
+        self._decode_band: DecodeBand | None = None  # balanced policy: this sequence's band
         self.last_logits: torch.Tensor | None = None
         self.last_ids: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
@@ -370,7 +370,9 @@ class TokenRouter(nn.Module):
         if not ctx.decoding or self._spent is None or self._spent.shape[0] != x.shape[0]:
             self._spent = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             self._tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            self._from_start = not ctx.decoding and mode == "causal"  # the policy sees the sequence's first token
+            # balanced policy: built once per sequence, not on every decode step; the sinks only when
+            # the policy sees the sequence's first token (causal routing from an empty cache)
+            self._decode_band = self._band(not ctx.decoding and mode == "causal")
         ids = self._assign(logits, mode, mask)
         # one-hot by comparison: F.one_hot checks the ids' range on the host (a sync)
         gates = (ids[..., None] == torch.arange(self.num_experts, device=ids.device)).to(logits.dtype)
@@ -419,18 +421,16 @@ class TokenRouter(nn.Module):
             self._tokens,
             mask,
             self._cheapest,
-            self._band() if self.context.decode_policy == "balanced" else None,
+            self._decode_band,
         )
 
-    def _band(self) -> DecodeBand:
+    def _band(self, from_start: bool) -> DecodeBand | None:
+        """The ``balanced`` policy's band for a sequence (None under the other policies)."""
         ctx = self.context
-        return DecodeBand.for_router(
-            self.costs,
-            [c > 0 for c in self.capacity],
-            self.budget,
-            ctx.sink_tokens if self._from_start else 0,
-            ctx.decode_slack,
-        )
+        if ctx.decode_policy != "balanced":
+            return None
+        sink = ctx.sink_tokens if from_start else 0
+        return DecodeBand.for_router(self.costs, [c > 0 for c in self.capacity], self.budget, sink, ctx.decode_slack)
 
     def decode_preference(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, L, E] scores the budget quota ranks experts by: the logits (``budget``), or, under
